@@ -1,0 +1,277 @@
+"""Model bundles: everything needed to score, in one versioned directory that loads without running code.
+
+Why it exists: training (a notebook, the CLI) and scoring (the CLI, the service) meet only through
+this format. A bundle directory holds ``weights.safetensors`` (tensors only — safetensors cannot
+carry code, unlike pickle) and ``bundle.json`` (feature names and order, scaler, the normal-error
+model and threshold, detector settings, hyperparameters, name, version, training summary, format
+version and the weights' SHA-256). :meth:`ModelBundle.load` checks every field and the weights'
+shapes against the metadata, and names the problem when something does not fit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from anomaly.errors import BundleError
+from anomaly.model import LSTMForecaster
+from anomaly.scoring import NormalErrorModel
+
+__all__ = ["FORMAT_VERSION", "DetectorConfig", "ModelBundle", "Scaler"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+METADATA_FILE = "bundle.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+@dataclass(frozen=True)
+class Scaler:
+    """Per-feature standardisation: ``scaled = (value - mean) / scale``.
+
+    >>> s = Scaler(np.array([1.0], dtype=np.float32), np.array([2.0], dtype=np.float32))
+    >>> s.transform(np.array([[5.0]], dtype=np.float32)).tolist(), s.inverse(np.array([[2.0]])).tolist()
+    ([[2.0]], [[5.0]])
+    """
+
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, values: np.ndarray) -> Scaler:
+        mean = np.nanmean(values, axis=0)
+        std = np.nanstd(values, axis=0)
+        # a constant feature keeps unit scale: any change from the constant is then visible
+        std = np.where(std > 1e-8 * np.maximum(np.abs(mean), 1.0), std, 1.0)
+        return cls(mean.astype(np.float32), std.astype(np.float32))
+
+    def transform(self, values: np.ndarray) -> np.ndarray:
+        return ((values - self.mean) / self.scale).astype(np.float32)
+
+    def inverse(self, scaled: np.ndarray) -> np.ndarray:
+        return (scaled * self.scale + self.mean).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """How the streaming detector turns scores into decisions (all recalibratable without retraining).
+
+    Attributes
+    ----------
+    threshold : smoothed surprise (``-log10`` tail probability) at which an episode starts.
+    exit_ratio : an episode ends below ``exit_ratio * threshold`` (hysteresis).
+    min_duration, cooldown : readings above the threshold to start, below the exit level to end.
+    smoothing_alpha : weight of the newest reading in the moving average of surprise.
+    warmup_steps : readings of a new (or reset) device that advance its state without being scored.
+    gap_policy : ``"reset"`` zeroes a device's state after a gap (it warms up again); ``"carry"`` goes on.
+    gap_factor, nominal_interval_ms : a gap is longer than ``gap_factor * nominal_interval_ms``.
+    false_alarm_rate : the rate of normal readings above ``threshold`` that calibration aimed for.
+    """
+
+    threshold: float = 4.0
+    exit_ratio: float = 0.5
+    min_duration: int = 1
+    cooldown: int = 3
+    smoothing_alpha: float = 0.3
+    warmup_steps: int = 10
+    gap_policy: Literal["reset", "carry"] = "reset"
+    gap_factor: float = 10.0
+    nominal_interval_ms: int = 1000
+    false_alarm_rate: float = 1e-4
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("threshold", math.isfinite(self.threshold) and self.threshold > 0, "a finite number > 0"),
+            ("exit_ratio", 0.0 < self.exit_ratio <= 1.0, "in (0, 1]"),
+            ("min_duration", isinstance(self.min_duration, int) and self.min_duration >= 1, "an integer >= 1"),
+            ("cooldown", isinstance(self.cooldown, int) and self.cooldown >= 1, "an integer >= 1"),
+            ("smoothing_alpha", 0.0 < self.smoothing_alpha <= 1.0, "in (0, 1]"),
+            ("warmup_steps", isinstance(self.warmup_steps, int) and self.warmup_steps >= 1, "an integer >= 1"),
+            ("gap_policy", self.gap_policy in ("reset", "carry"), "'reset' or 'carry'"),
+            ("gap_factor", math.isfinite(self.gap_factor) and self.gap_factor > 1.0, "a finite number > 1"),
+            ("nominal_interval_ms", isinstance(self.nominal_interval_ms, int) and self.nominal_interval_ms > 0,
+             "an integer > 0"),
+            ("false_alarm_rate", 0.0 < self.false_alarm_rate < 1.0, "in (0, 1)"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"detector setting {name}={getattr(self, name)!r} must be {rule}")
+
+    @property
+    def gap_ms(self) -> int:
+        return int(self.gap_factor * self.nominal_interval_ms)
+
+
+@dataclass
+class ModelBundle:
+    """A trained forecaster with its scaler, normal-error model and detector settings.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> rng = np.random.default_rng(0)
+    >>> b = ModelBundle.untrained(["x", "y"], hidden_size=8, scorer=NormalErrorModel.fit(rng.normal(size=(200, 2))))
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     _ = b.save(d)
+    ...     ModelBundle.load(d).features
+    ('x', 'y')
+    """
+
+    name: str
+    version: str
+    features: tuple[str, ...]
+    scaler: Scaler
+    model: LSTMForecaster
+    scorer: NormalErrorModel
+    config: DetectorConfig = field(default_factory=DetectorConfig)
+    training: dict[str, Any] = field(default_factory=dict)
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    def __post_init__(self) -> None:
+        self.features = tuple(self.features)
+        n = len(self.features)
+        if n == 0 or len(set(self.features)) != n or not all(isinstance(f, str) and f for f in self.features):
+            raise BundleError(f"features must be distinct non-empty strings, got {list(self.features)}")
+        for what, size in (("model", self.model.n_features), ("scaler", len(self.scaler.mean)),
+                           ("scorer", self.scorer.n_features)):
+            if size != n:
+                raise BundleError(f"{what} expects {size} features, bundle lists {n}: {list(self.features)}")
+        self.model.eval()
+
+    @classmethod
+    def untrained(cls, features: Sequence[str], hidden_size: int = 64, num_layers: int = 1,
+                  scorer: NormalErrorModel | None = None, name: str = "untrained",
+                  version: str = "0") -> ModelBundle:
+        """A bundle with a fresh (persistence-like) network: for tests, examples and benchmarks."""
+        n = len(features)
+        if scorer is None:
+            scorer = NormalErrorModel.fit(np.random.default_rng(0).normal(size=(1000, n)))
+        return cls(name=name, version=version, features=tuple(features),
+                   scaler=Scaler(np.zeros(n, np.float32), np.ones(n, np.float32)),
+                   model=LSTMForecaster(n, hidden_size=hidden_size, num_layers=num_layers),
+                   scorer=scorer)
+
+    def with_version(self, version: str, name: str | None = None) -> ModelBundle:
+        return replace(self, version=version, name=name or self.name)
+
+    def with_config(self, **settings: Any) -> ModelBundle:
+        """A copy with some detector settings changed (validated)."""
+        return replace(self, config=replace(self.config, **settings))
+
+    # ------------------------------------------------------------------ save
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "version": self.version,
+            "created_at": self.created_at,
+            "features": list(self.features),
+            "hyperparameters": {"hidden_size": self.model.hidden_size, "num_layers": self.model.num_layers},
+            "scaler": {"mean": self.scaler.mean.tolist(), "scale": self.scaler.scale.tolist()},
+            "scorer": self.scorer.to_dict(),
+            "detector": asdict(self.config),
+            "training": self.training,
+        }
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the bundle into ``directory`` (created if needed); files are replaced atomically."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().clone() for k, v in self.model.state_dict().items()}
+        with tempfile.NamedTemporaryFile(dir=out, suffix=".tmp", delete=False) as tmp:
+            tmp_weights = Path(tmp.name)
+        save_file(tensors, str(tmp_weights))
+        meta = self.metadata()
+        meta["weights_sha256"] = hashlib.sha256(tmp_weights.read_bytes()).hexdigest()
+        os.replace(tmp_weights, out / WEIGHTS_FILE)
+        tmp_meta = out / (METADATA_FILE + ".tmp")
+        tmp_meta.write_text(json.dumps(meta, indent=2, allow_nan=False))
+        os.replace(tmp_meta, out / METADATA_FILE)
+        logger.info("saved model bundle %s version %s to %s", self.name, self.version, out)
+        return out
+
+    # ------------------------------------------------------------------ load
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> ModelBundle:
+        """Load and validate a bundle; raises :class:`BundleError` naming the file and field at fault."""
+        root = Path(directory)
+        meta_path, weights_path = root / METADATA_FILE, root / WEIGHTS_FILE
+        if not root.is_dir():
+            raise BundleError(f"model bundle directory {root} does not exist")
+        for path in (meta_path, weights_path):
+            if not path.is_file():
+                raise BundleError(f"model bundle {root} has no {path.name}")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleError(f"{meta_path}: not valid JSON ({exc})") from exc
+        if not isinstance(meta, dict):
+            raise BundleError(f"{meta_path}: expected a JSON object")
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(f"{meta_path}: unsupported format_version {version!r} (supported: {FORMAT_VERSION})")
+        raw = weights_path.read_bytes()
+        digest = hashlib.sha256(raw).hexdigest()
+        if meta.get("weights_sha256") not in (None, digest):
+            raise BundleError(f"{weights_path}: SHA-256 {digest[:12]}… does not match bundle.json "
+                              f"(weights_sha256 {str(meta.get('weights_sha256'))[:12]}…): corrupt or replaced")
+        try:
+            return cls._from_parts(meta, root)
+        except BundleError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{meta_path}: invalid field: {exc}") from exc
+
+    @classmethod
+    def _from_parts(cls, meta: dict[str, Any], root: Path) -> ModelBundle:
+        features = meta["features"]
+        if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+            raise BundleError(f"{root / METADATA_FILE}: 'features' must be a list of strings")
+        n = len(features)
+        hyper = meta["hyperparameters"]
+        hidden, layers = hyper["hidden_size"], hyper["num_layers"]
+        if not (isinstance(hidden, int) and isinstance(layers, int) and 0 < hidden <= 4096 and 0 < layers <= 16):
+            raise BundleError(f"{root / METADATA_FILE}: hyperparameters out of range: {hyper}")
+        mean = np.asarray(meta["scaler"]["mean"], dtype=np.float32)
+        scale = np.asarray(meta["scaler"]["scale"], dtype=np.float32)
+        if mean.shape != (n,) or scale.shape != (n,):
+            raise BundleError(f"{root / METADATA_FILE}: scaler has {mean.shape} / {scale.shape} values, "
+                              f"expected {n} (one per feature)")
+        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(scale)) and np.all(scale > 0)):
+            raise BundleError(f"{root / METADATA_FILE}: scaler values must be finite with scale > 0")
+        scorer = NormalErrorModel.from_dict(meta["scorer"], n)
+        config = DetectorConfig(**meta["detector"])
+        model = LSTMForecaster(n, hidden_size=hidden, num_layers=layers)
+        try:
+            tensors = load_file(str(root / WEIGHTS_FILE))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise BundleError(f"{root / WEIGHTS_FILE}: cannot read safetensors ({exc})") from exc
+        expected = model.state_dict()
+        if set(tensors) != set(expected):
+            raise BundleError(f"{root / WEIGHTS_FILE}: tensors {sorted(tensors)} do not match the model's "
+                              f"{sorted(expected)}")
+        for key, tensor in tensors.items():
+            if tuple(tensor.shape) != tuple(expected[key].shape):
+                raise BundleError(f"{root / WEIGHTS_FILE}: tensor {key} has shape {list(tensor.shape)}, "
+                                  f"expected {list(expected[key].shape)} for {n} features, hidden {hidden}")
+            if not torch.isfinite(tensor).all():
+                raise BundleError(f"{root / WEIGHTS_FILE}: tensor {key} has non-finite values")
+        model.load_state_dict({k: v.float() for k, v in tensors.items()})
+        return cls(name=str(meta["name"]), version=str(meta["version"]), features=tuple(features),
+                   scaler=Scaler(mean, scale), model=model, scorer=scorer, config=config,
+                   training=dict(meta.get("training") or {}), created_at=str(meta.get("created_at", "")))

@@ -1,0 +1,175 @@
+"""The core's command line: ``train`` and ``score`` (and the parser others extend).
+
+Why it exists: the same operations a notebook does, from a shell. ``streams.cli`` adds the
+service's commands (``serve``, ``simulate``, ``demo``, ``export``) to the parser built here; the
+``sensor-anomaly`` console script points there, so this module stays free of Kafka.
+
+Every failure caused by the user's input (a bad flag, a missing column, a corrupt bundle) ends
+with exit code 2 and a one-line ``sensor-anomaly: error: ...`` message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from anomaly.errors import AnomalyError
+
+__all__ = ["Command", "build_parser", "main", "run"]
+
+logger = logging.getLogger(__name__)
+
+Command = Callable[[argparse.Namespace], int]
+PROG = "sensor-anomaly"
+
+
+class UsageError(Exception):
+    """A command was given arguments that cannot work together (exit code 2)."""
+
+
+def _csv_list(text: str) -> list[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of names")
+    return items
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value}")
+    return value
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from anomaly.datasets import read_table
+    from anomaly.training import fit
+
+    frame = read_table(args.data)
+    if args.time_col not in frame:
+        raise UsageError(f"--time-col {args.time_col!r} is not a column of {args.data} "
+                         f"(columns: {list(frame.columns)})")
+    features = args.features or [c for c in frame.columns
+                                 if c not in (args.time_col, args.device_col)
+                                 and np.issubdtype(frame[c].dtype, np.number)]
+    if not features:
+        raise UsageError(f"no numeric feature columns in {args.data}; pass --features")
+    overrides = {k: v for k, v in {"epochs": args.epochs, "hidden_size": args.hidden_size,
+                                   "num_layers": args.layers, "window": args.window,
+                                   "val_fraction": args.val_fraction, "seed": args.seed}.items() if v is not None}
+    from anomaly.bundle import DetectorConfig
+
+    detector = DetectorConfig(false_alarm_rate=args.false_alarm_rate, warmup_steps=args.warmup_steps)
+    bundle = fit(frame, features, time_col=args.time_col, device_col=args.device_col, detector=detector,
+                 name=args.name, version=args.version, progress=not args.quiet, **overrides)
+    bundle.training.update({"time_col": args.time_col, "device_col": args.device_col, "source": str(args.data)})
+    bundle.save(args.out)
+    print(f"trained {bundle.name} version {bundle.version} on {bundle.training['rows']} rows "
+          f"({bundle.training['devices']} devices, features {','.join(features)}) in "
+          f"{bundle.training['seconds']} s; threshold score {1 - 10 ** -bundle.config.threshold:.6f}; "
+          f"saved to {args.out}")
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from anomaly.bundle import ModelBundle
+    from anomaly.datasets import read_table
+    from anomaly.detector import StreamingDetector, score_frame
+
+    bundle = ModelBundle.load(args.model)
+    frame = read_table(args.data)
+    time_col = args.time_col or bundle.training.get("time_col") or "ts"
+    device_col = args.device_col if args.device_col is not None else bundle.training.get("device_col")
+    detector = StreamingDetector(bundle)
+    scored = score_frame(detector, frame, time_col=time_col, device_col=device_col)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scored.to_csv(out, index=False)
+    starts = int((scored["is_anomaly"].astype(int).diff().fillna(scored["is_anomaly"].astype(int)) > 0).sum())
+    print(f"scored {int((scored['status'] == 'scored').sum())} of {len(scored)} rows with {bundle.name} "
+          f"version {bundle.version}; {int(scored['is_anomaly'].sum())} rows in {starts} anomaly episode(s); "
+          f"wrote {out}")
+    return 0
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:  # type: ignore[type-arg]
+    """The parser with the core's commands; callers may add more subcommands."""
+    parser = argparse.ArgumentParser(prog=PROG, description="Streaming LSTM anomaly detection for sensor fleets.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a model bundle on normal history (CSV or Parquet)",
+                           description="Train a forecaster on normal history and calibrate its scorer.")
+    train.add_argument("--data", required=True, type=Path, help="CSV or Parquet file of normal readings")
+    train.add_argument("--features", type=_csv_list, help="comma-separated feature columns (default: all numeric)")
+    train.add_argument("--time-col", default="ts", help="timestamp column (ISO-8601 or epoch ms; default: ts)")
+    train.add_argument("--device-col", default=None, help="device id column (default: one device)")
+    train.add_argument("--out", required=True, type=Path, help="directory to write the model bundle to")
+    train.add_argument("--name", default="sensor-anomaly", help="model name recorded in the bundle")
+    train.add_argument("--version", default="1", help="model version recorded in the bundle (default: 1)")
+    train.add_argument("--epochs", type=_positive_int, help="maximum training epochs (default: 30)")
+    train.add_argument("--hidden-size", type=_positive_int, help="LSTM hidden size (default: 64)")
+    train.add_argument("--layers", type=_positive_int, help="LSTM layers (default: 1)")
+    train.add_argument("--window", type=_positive_int, help="truncated-BPTT window (default: 32)")
+    train.add_argument("--val-fraction", type=_probability, help="held-out share of each device (default: 0.25)")
+    train.add_argument("--false-alarm-rate", type=_probability, default=1e-4,
+                       help="target share of normal readings above the threshold (default: 1e-4)")
+    train.add_argument("--warmup-steps", type=_positive_int, default=10,
+                       help="readings of a new device that are not scored (default: 10)")
+    train.add_argument("--seed", type=int, help="random seed (default: 0)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=_cmd_train)
+
+    score = sub.add_parser("score", help="score a CSV/Parquet file with a model bundle",
+                           description="Stream a table through the detector; adds score, is_anomaly, status "
+                                       "and expected_* columns.")
+    score.add_argument("--model", required=True, type=Path, help="model bundle directory")
+    score.add_argument("--data", required=True, type=Path, help="CSV or Parquet file of readings")
+    score.add_argument("--out", required=True, type=Path, help="CSV file to write")
+    score.add_argument("--time-col", help="timestamp column (default: the one the model was trained with)")
+    score.add_argument("--device-col", help="device id column (default: the one the model was trained with)")
+    score.set_defaults(func=_cmd_score)
+    return parser, sub
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse and dispatch; map the package errors to exit code 2 with one line on stderr."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (AnomalyError, UsageError, ValueError, OSError) as exc:
+        logger.debug("command failed", exc_info=True)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, _ = build_parser()
+    return run(parser, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

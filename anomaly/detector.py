@@ -1,0 +1,284 @@
+"""The streaming detector: THE entry point for scoring readings of a fleet.
+
+Why it exists: the service, the CLI, the evaluation commands and notebooks all score readings
+the same way, through :meth:`StreamingDetector.process`. One call takes readings of many devices
+in any order and any mix (single readings, windows); per device they are taken in timestamp
+order, continuing from that device's remembered state.
+
+One call's path (B devices in the call, T the most readings of one device, F features)::
+
+    factorize device ids → sort by (device, timestamp) → drop duplicates / out-of-order readings
+    → slots of the devices (new ones allocated) → pad to [B, T, F], fill missing features
+    → gather (h, c) [L, B, H] from the slabs → ONE forward pass → scatter (h, c) back
+    → residual = actual - forecast → surprise → smoothed surprise → episodes → events
+
+Cost per call: one LSTM forward pass over [B, T, F], O(N log N) numpy for grouping, and T
+vectorised steps of smoothing/episode logic; Python per device only where devices are new
+(dictionary insert) and per event. A gap longer than ``gap_factor`` nominal intervals inside one
+call splits that device's readings into another pass (rare).
+
+What it must not do: know about Kafka, partitions or offsets (``streams`` maps rows back to them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from anomaly.bundle import ModelBundle
+from anomaly.episodes import EpisodePolicy
+from anomaly.errors import InvalidReadingError
+from anomaly.events import AnomalyEvent, ProcessResult, ReadingStatus
+from anomaly.readings import ReadingBatch
+from anomaly.scoring import score_from_surprise, smooth_surprise
+from anomaly.state import NO_TIMESTAMP, DeviceStateStore
+
+__all__ = ["StreamingDetector", "score_frame"]
+
+logger = logging.getLogger(__name__)
+
+INPUT_CLIP = 1e4
+"""Scaled inputs are clipped to ±this many training standard deviations before the LSTM: far beyond
+anything normal (the score saturates long before), yet finite, so a device's state survives garbage."""
+
+
+class StreamingDetector:
+    """Scores readings of a fleet against one model bundle, remembering each device's state.
+
+    Parameters
+    ----------
+    bundle : ModelBundle
+        The model, scaler, normal-error model and detector settings.
+    capacity : int
+        Initial number of device slots (grows by doubling).
+
+    Examples
+    --------
+    >>> bundle = ModelBundle.untrained(["x"], hidden_size=8).with_config(warmup_steps=2)
+    >>> det = StreamingDetector(bundle)
+    >>> batch = ReadingBatch.from_arrays(["a", "a", "b", "a"], [0, 1000, 0, 1000], [[1.0], [1.1], [5.0], [1.1]])
+    >>> res = det.process(batch)
+    >>> [ReadingStatus(s).label for s in res.status]
+    ['warmup', 'warmup', 'warmup', 'duplicate']
+    >>> res = det.process(ReadingBatch.from_arrays(["a"], [2000], [[1.2]]))
+    >>> bool(0.0 <= res.scores[0] <= 1.0), res.counts()["scored"]
+    (True, 1)
+    """
+
+    def __init__(self, bundle: ModelBundle, capacity: int = 1024):
+        self.bundle = bundle
+        self.config = bundle.config
+        self.model = bundle.model.eval()
+        self.features = bundle.features
+        self.store = DeviceStateStore(self.model.num_layers, self.model.hidden_size, len(self.features),
+                                      model_version=bundle.version, capacity=capacity)
+        self.policy = EpisodePolicy(enter=self.config.threshold,
+                                    exit=self.config.threshold * self.config.exit_ratio,
+                                    min_duration=self.config.min_duration, cooldown=self.config.cooldown)
+        self.score_threshold = float(score_from_surprise(self.config.threshold))
+
+    @property
+    def model_version(self) -> str:
+        return self.bundle.version
+
+    def process(self, batch: ReadingBatch) -> ProcessResult:
+        """Score a batch of readings; advances the state of every device in it.
+
+        Returns a :class:`ProcessResult` aligned with ``batch`` (row i of every array describes
+        ``batch`` row i), with the episode events the batch caused.
+        """
+        if batch.n_features != len(self.features):
+            raise InvalidReadingError(f"expected {len(self.features)} features {list(self.features)}, "
+                                      f"got {batch.n_features}")
+        n = len(batch)
+        result = ProcessResult(
+            scores=np.full(n, np.nan, dtype=np.float32), raw_scores=np.full(n, np.nan, dtype=np.float32),
+            status=np.full(n, ReadingStatus.SCORED, dtype=np.int8), anomalous=np.zeros(n, dtype=bool),
+            expected=np.full((n, len(self.features)), np.nan, dtype=np.float32))
+        if n == 0:
+            return result
+        codes, uniques = pd.factorize(batch.device_ids)
+        order = np.lexsort((batch.timestamps_ms, codes))
+        dev = codes[order]
+        ts = batch.timestamps_ms[order]
+        slots = self.store.slots_for(uniques)
+        state_last = self.store.last_ts[slots][dev]
+        first = np.r_[True, dev[1:] != dev[:-1]]
+        prev_in_batch = np.r_[NO_TIMESTAMP, ts[:-1]]
+        prev_in_batch[first] = NO_TIMESTAMP
+        out_of_order = ts < state_last
+        duplicate = ~out_of_order & ((ts == state_last) | (ts == prev_in_batch))
+        status = result.status
+        status[order[out_of_order]] = ReadingStatus.OUT_OF_ORDER
+        status[order[duplicate]] = ReadingStatus.DUPLICATE
+        accepted = np.flatnonzero(~(out_of_order | duplicate))
+        if len(accepted) == 0:
+            return result
+        a_dev, a_ts = dev[accepted], ts[accepted]
+        a_first = np.r_[True, a_dev[1:] != a_dev[:-1]]
+        prev_ts = np.r_[NO_TIMESTAMP, a_ts[:-1]]
+        prev_ts[a_first] = self.store.last_ts[slots[a_dev[a_first]]]
+        if self.config.gap_policy == "reset":
+            gap = (prev_ts != NO_TIMESTAMP) & (a_ts - prev_ts > self.config.gap_ms)
+        else:
+            gap = np.zeros(len(a_ts), dtype=bool)
+        # readings after a gap inside this call start a new pass: each pass sees a device's
+        # readings as one contiguous run whose only possible reset is at its first reading
+        inner_gaps = np.cumsum(gap & ~a_first)
+        group_start = np.maximum.accumulate(np.where(a_first, np.arange(len(a_first)), 0))
+        segment = inner_gaps - inner_gaps[group_start]
+        rows = order[accepted]
+        values = batch.values[rows]
+        for p in range(int(segment.max()) + 1):
+            sel = np.flatnonzero(segment == p)
+            self._run_pass(a_dev[sel], a_ts[sel], values[sel], rows[sel], gap[sel], slots, batch, result)
+        result.gap_resets = int(gap.sum())
+        return result
+
+    def _run_pass(self, dev: np.ndarray, ts: np.ndarray, values: np.ndarray, rows: np.ndarray,
+                  gap: np.ndarray, slots_of_code: np.ndarray, batch: ReadingBatch,
+                  result: ProcessResult) -> None:
+        """Advance devices through their accepted readings (sorted by device, then time)."""
+        store, cfg, scaler = self.store, self.config, self.bundle.scaler
+        starts = np.r_[True, dev[1:] != dev[:-1]]
+        group = np.cumsum(starts) - 1
+        start_pos = np.flatnonzero(starts)
+        k = np.arange(len(dev)) - start_pos[group]
+        lengths = np.bincount(group)
+        b, t_steps, f = len(lengths), int(lengths.max()), len(self.features)
+        slots = slots_of_code[dev[starts]]
+        reset = gap[starts]
+        if reset.any():
+            self._close_on_reset(np.flatnonzero(reset & store.in_episode[slots]), slots, start_pos, ts, rows,
+                                 batch, result)
+            store.reset(slots[reset])
+
+        raw = np.full((b, t_steps, f), np.nan, dtype=np.float32)
+        # clipped so that an absurd (but finite) value cannot overflow the network's state
+        raw[group, k] = np.clip(scaler.transform(values.astype(np.float64)), -INPUT_CLIP, INPUT_CLIP)
+        filled = np.concatenate([store.last_input[slots][:, None, :], raw], axis=1)
+        missing = np.isnan(filled)
+        if missing.any():  # forward-fill a missing feature with its last seen (scaled) value
+            idx = np.where(missing, 0, np.arange(t_steps + 1)[None, :, None])
+            np.maximum.accumulate(idx, axis=1, out=idx)
+            filled = np.take_along_axis(filled, idx, axis=1)
+        x = filled[:, 1:]
+        index = torch.as_tensor(slots, dtype=torch.long)
+        h0, c0 = store.h[:, index], store.c[:, index]
+        with torch.inference_mode():
+            lens = None if t_steps == 1 or bool((lengths == t_steps).all()) else torch.as_tensor(lengths)
+            pred_t, (hn, cn) = self.model(torch.from_numpy(x), (h0, c0), lens)
+        store.h[:, index] = hn
+        store.c[:, index] = cn
+        pred = pred_t.numpy()
+
+        expected = np.empty_like(raw)
+        expected[:, 0] = store.last_pred[slots]
+        expected[:, 1:] = pred[:, :-1]
+        life = store.steps[slots][:, None] + np.arange(t_steps)[None, :]
+        valid = np.arange(t_steps)[None, :] < lengths[:, None]
+        scored = valid & (life >= cfg.warmup_steps)
+        residual = raw - expected
+        surprise = np.where(scored, self.bundle.scorer.surprise(residual), np.float32(0.0))
+        smoothed = smooth_surprise(surprise, scored, store.smoothed[slots], cfg.smoothing_alpha)
+        episodes = self.policy.run(smoothed, scored, store.in_episode[slots], store.run_length[slots])
+
+        last = lengths - 1
+        arange_b = np.arange(b)
+        store.steps[slots] += lengths
+        store.last_ts[slots] = ts[start_pos + last]
+        store.smoothed[slots] = smoothed[:, -1]
+        store.in_episode[slots] = episodes.final_in_episode
+        store.run_length[slots] = episodes.final_run_length
+        store.last_pred[slots] = pred[arange_b, last]
+        store.last_input[slots] = x[arange_b, last]
+
+        is_scored = scored[group, k]
+        result.status[rows[~is_scored]] = ReadingStatus.WARMUP
+        result.scores[rows] = np.where(is_scored, score_from_surprise(smoothed[group, k]), np.nan)
+        result.raw_scores[rows] = np.where(is_scored, score_from_surprise(surprise[group, k]), np.nan)
+        result.anomalous[rows] = episodes.in_episode[group, k]
+        exp_units = scaler.inverse(expected[group, k])
+        exp_units[life[group, k] == 0] = np.nan
+        result.expected[rows] = exp_units
+
+        ev_b, ev_t = np.nonzero(episodes.started | episodes.ended)
+        if len(ev_b):
+            self._emit(ev_b, ev_t, episodes.started, smoothed, residual, expected, start_pos, ts, rows, slots,
+                       batch, result)
+
+    def _emit(self, ev_b: np.ndarray, ev_t: np.ndarray, started: np.ndarray, smoothed: np.ndarray,
+              residual: np.ndarray, expected: np.ndarray, start_pos: np.ndarray, ts: np.ndarray,
+              rows: np.ndarray, slots: np.ndarray, batch: ReadingBatch, result: ProcessResult) -> None:
+        """Build events for the few (device, step) cells where an episode started or ended."""
+        scaler, store = self.bundle.scaler, self.store
+        contributions = self.bundle.scorer.contributions(residual[ev_b, ev_t])
+        exp_units = scaler.inverse(expected[ev_b, ev_t])
+        order = np.lexsort((ev_t, ev_b))
+        for i in order:
+            bi, ti = int(ev_b[i]), int(ev_t[i])
+            pos = start_pos[bi] + ti
+            row = int(rows[pos])
+            kind = "start" if started[bi, ti] else "end"
+            if kind == "start":
+                store.episode_start[slots[bi]] = ts[pos]
+            result.events.append(AnomalyEvent(
+                device_id=str(batch.device_ids[row]), ts_ms=int(ts[pos]), kind=kind,
+                score=float(score_from_surprise(smoothed[bi, ti])), threshold=self.score_threshold,
+                expected=self._named(exp_units[i]), actual=self._named(batch.values[row]),
+                contributions=self._named(contributions[i]), model_name=self.bundle.name,
+                model_version=self.bundle.version, row=row,
+                episode_start_ms=int(store.episode_start[slots[bi]])))
+
+    def _close_on_reset(self, which: np.ndarray, slots: np.ndarray, start_pos: np.ndarray, ts: np.ndarray,
+                        rows: np.ndarray, batch: ReadingBatch, result: ProcessResult) -> None:
+        """A device in an episode whose state is reset after a gap gets an ``end`` event at that reading."""
+        for bi in which.tolist():
+            pos, slot = start_pos[bi], slots[bi]
+            row = int(rows[pos])
+            result.events.append(AnomalyEvent(
+                device_id=str(batch.device_ids[row]), ts_ms=int(ts[pos]), kind="end", score=0.0,
+                threshold=self.score_threshold, expected={}, actual=self._named(batch.values[row]),
+                contributions={}, model_name=self.bundle.name, model_version=self.bundle.version, row=row,
+                episode_start_ms=int(self.store.episode_start[slot])))
+            logger.info("device %s (slot %d): episode closed by a gap before %d", batch.device_ids[row], slot,
+                        ts[pos])
+
+    def _named(self, values: np.ndarray) -> dict[str, float]:
+        return {name: float(v) for name, v in zip(self.features, values, strict=True) if np.isfinite(v)}
+
+    def evict_idle(self, now_ms: int, ttl_ms: int) -> list[str]:
+        """Forget devices silent for longer than ``ttl_ms`` of event time; see :meth:`DeviceStateStore.evict_idle`."""
+        return self.store.evict_idle(now_ms, ttl_ms)
+
+
+def score_frame(detector: StreamingDetector, frame: pd.DataFrame, time_col: str,
+                device_col: str | None = None, chunk_rows: int = 100_000,
+                features: Sequence[str] | None = None) -> pd.DataFrame:
+    """Score a table in arrival order; returns ``frame`` with score, is_anomaly, status and expected_* columns.
+
+    Rows are handed to :meth:`StreamingDetector.process` in chunks of ``chunk_rows`` (streaming:
+    results do not depend on the chunk size).
+    """
+    feats = list(features or detector.features)
+    out = frame.copy()
+    scores, anomalous, status, expected = [], [], [], []
+    for start in range(0, len(frame), chunk_rows):
+        part = frame.iloc[start:start + chunk_rows]
+        res = detector.process(ReadingBatch.from_frame(part, feats, time_col=time_col, device_col=device_col))
+        scores.append(res.scores)
+        anomalous.append(res.anomalous)
+        status.append(res.status)
+        expected.append(res.expected)
+    n_f = len(feats)
+    out["score"] = np.concatenate(scores) if scores else np.empty(0, np.float32)
+    out["is_anomaly"] = np.concatenate(anomalous) if anomalous else np.empty(0, bool)
+    out["status"] = [ReadingStatus(s).label for s in (np.concatenate(status) if status else [])]
+    exp = np.concatenate(expected) if expected else np.empty((0, n_f), np.float32)
+    for i, name in enumerate(feats):
+        out[f"expected_{name}"] = exp[:, i]
+    return out

@@ -1,0 +1,186 @@
+"""Columnar batches of sensor readings: the input contract of :class:`~anomaly.StreamingDetector`.
+
+Why columnar: the detector's hot path must never loop over readings in Python. A batch is three
+aligned arrays (device ids, epoch-millisecond timestamps, a float32 value matrix in the model's
+feature order), so grouping, sorting and gathering are numpy/torch operations. Converting from
+records or a DataFrame happens once, at the edge. No Kafka here.
+
+Shapes (N readings, F features): ``device_ids`` [N] object (str), ``timestamps_ms`` [N] int64,
+``values`` [N, F] float32. A NaN value means "this feature is missing in this reading"; an
+infinite value is rejected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from anomaly.errors import DataError, InvalidReadingError
+
+__all__ = ["ReadingBatch", "to_epoch_ms"]
+
+
+def to_epoch_ms(values: pd.Series | Sequence[object] | np.ndarray) -> np.ndarray:
+    """Convert timestamps (ISO-8601 strings, datetimes or epoch milliseconds) to int64 epoch ms.
+
+    Naive timestamps are taken as UTC.
+
+    >>> to_epoch_ms(["1970-01-01T00:00:01", "1970-01-01 00:00:02.5"]).tolist()
+    [1000, 2500]
+    >>> to_epoch_ms(np.array([5, 6])).tolist()
+    [5, 6]
+    """
+    arr = values if isinstance(values, pd.Series) else pd.Series(np.asarray(values, dtype=object))
+    if pd.api.types.is_numeric_dtype(arr.dtype) or (len(arr) and all(
+        isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in arr
+    )):
+        numeric = pd.to_numeric(arr, errors="raise").to_numpy(dtype=np.float64)
+        if not np.all(np.isfinite(numeric)):
+            raise InvalidReadingError("timestamps must be finite epoch milliseconds")
+        return numeric.astype(np.int64)
+    try:
+        parsed = pd.to_datetime(arr, utc=True, format="mixed")
+    except (ValueError, TypeError) as exc:
+        raise InvalidReadingError(f"cannot parse timestamps: {exc}") from exc
+    if parsed.isna().any():
+        raise InvalidReadingError("timestamps contain missing values")
+    return (parsed.astype("datetime64[ns, UTC]").astype(np.int64) // 1_000_000).to_numpy(dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class ReadingBatch:
+    """Readings of many devices, in arrival order, as aligned columns.
+
+    Attributes
+    ----------
+    device_ids : numpy.ndarray
+        [N] object array of device id strings.
+    timestamps_ms : numpy.ndarray
+        [N] int64 epoch milliseconds.
+    values : numpy.ndarray
+        [N, F] float32 in the model's feature order; NaN marks a missing feature.
+
+    Examples
+    --------
+    >>> b = ReadingBatch.from_records(
+    ...     [{"device_id": "a", "ts": 1000, "values": {"x": 1.0}},
+    ...      {"device_id": "b", "ts": "1970-01-01T00:00:02Z", "values": {"x": 2.0, "y": 3.0}}],
+    ...     features=["x", "y"])
+    >>> len(b), b.values.shape, bool(np.isnan(b.values[0, 1]))
+    (2, (2, 2), True)
+    """
+
+    device_ids: np.ndarray
+    timestamps_ms: np.ndarray
+    values: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = len(self.device_ids)
+        if self.timestamps_ms.shape != (n,):
+            raise InvalidReadingError(f"expected timestamps_ms of shape ({n},), got {self.timestamps_ms.shape}")
+        if self.values.ndim != 2 or self.values.shape[0] != n:
+            raise InvalidReadingError(f"expected values of shape ({n}, F), got {self.values.shape}")
+        if self.values.dtype != np.float32:
+            raise InvalidReadingError(f"expected float32 values, got {self.values.dtype}")
+        if self.timestamps_ms.dtype != np.int64:
+            raise InvalidReadingError(f"expected int64 timestamps_ms, got {self.timestamps_ms.dtype}")
+        if np.isinf(self.values).any():
+            row = int(np.nonzero(np.isinf(self.values).any(axis=1))[0][0])
+            raise InvalidReadingError(f"reading {row} (device {self.device_ids[row]!r}) has an infinite value")
+
+    def __len__(self) -> int:
+        return len(self.device_ids)
+
+    @property
+    def n_features(self) -> int:
+        return int(self.values.shape[1])
+
+    @classmethod
+    def from_arrays(
+        cls, device_ids: Sequence[str] | np.ndarray, timestamps_ms: Sequence[int] | np.ndarray,
+        values: Sequence[Sequence[float]] | np.ndarray,
+    ) -> ReadingBatch:
+        """Build a batch from array-likes, converting dtypes (values to float32, timestamps to int64)."""
+        ids = np.asarray(device_ids, dtype=object)
+        ts = np.asarray(timestamps_ms, dtype=np.int64)
+        vals = np.asarray(values, dtype=np.float32)
+        if vals.ndim == 1:
+            vals = vals.reshape(len(ids), -1) if len(ids) else vals.reshape(0, 0)
+        return cls(ids, ts, vals)
+
+    @classmethod
+    def empty(cls, n_features: int) -> ReadingBatch:
+        return cls(np.empty(0, dtype=object), np.empty(0, dtype=np.int64),
+                   np.empty((0, n_features), dtype=np.float32))
+
+    @classmethod
+    def from_records(cls, records: Iterable[Mapping[str, object]], features: Sequence[str]) -> ReadingBatch:
+        """Build a batch from ``{"device_id", "ts", "values": {feature: number}}`` mappings.
+
+        Features absent from a record become NaN (missing); features not in ``features`` are ignored.
+        """
+        index = {name: i for i, name in enumerate(features)}
+        ids: list[str] = []
+        ts: list[object] = []
+        rows: list[list[float]] = []
+        for rec in records:
+            row = [np.nan] * len(features)
+            for name, value in dict(rec["values"]).items():  # type: ignore[call-overload]
+                i = index.get(name)
+                if i is not None:
+                    row[i] = float(value)
+            ids.append(str(rec["device_id"]))
+            ts.append(rec["ts"])
+            rows.append(row)
+        if not ids:
+            return cls.empty(len(features))
+        return cls(np.asarray(ids, dtype=object), to_epoch_ms(ts),
+                   np.asarray(rows, dtype=np.float32).reshape(len(ids), len(features)))
+
+    @classmethod
+    def from_frame(
+        cls, frame: pd.DataFrame, features: Sequence[str], time_col: str, device_col: str | None = None,
+        default_device: str = "device-0",
+    ) -> ReadingBatch:
+        """Build a batch from a DataFrame with one row per reading.
+
+        Raises :class:`~anomaly.errors.DataError` naming the column when a column is missing or
+        not numeric.
+        """
+        missing = [c for c in [time_col, *features, *([device_col] if device_col else [])] if c not in frame]
+        if missing:
+            raise DataError(f"missing column(s) {missing}; available: {list(frame.columns)}")
+        for name in features:
+            if not pd.api.types.is_numeric_dtype(frame[name].dtype):
+                converted = pd.to_numeric(frame[name], errors="coerce")
+                bad = converted.isna() & frame[name].notna()
+                if bad.any():
+                    row = int(np.nonzero(bad.to_numpy())[0][0])
+                    raise DataError(f"column {name!r} has a non-numeric value {frame[name].iloc[row]!r} "
+                                    f"at row {row}")
+        values = frame[list(features)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float32)
+        if np.isinf(values).any():
+            row, col = (int(x[0]) for x in np.nonzero(np.isinf(values)))
+            raise DataError(f"column {features[col]!r} has an infinite value at row {row}")
+        ids = (frame[device_col].astype(str).to_numpy(dtype=object) if device_col
+               else np.full(len(frame), default_device, dtype=object))
+        try:
+            ts = to_epoch_ms(frame[time_col])
+        except InvalidReadingError as exc:
+            raise DataError(f"column {time_col!r}: {exc}") from exc
+        return cls(ids, ts, np.ascontiguousarray(values))
+
+    @classmethod
+    def concat(cls, batches: Sequence[ReadingBatch]) -> ReadingBatch:
+        if not batches:
+            raise InvalidReadingError("cannot concatenate zero batches")
+        return cls(np.concatenate([b.device_ids for b in batches]),
+                   np.concatenate([b.timestamps_ms for b in batches]),
+                   np.concatenate([b.values for b in batches]))
+
+    def take(self, rows: np.ndarray) -> ReadingBatch:
+        """The readings at ``rows`` (an index or boolean mask), in that order."""
+        return ReadingBatch(self.device_ids[rows], self.timestamps_ms[rows], self.values[rows])

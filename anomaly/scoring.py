@@ -1,0 +1,227 @@
+"""Scoring prediction errors against the error distribution learned on normal data.
+
+Why it exists: a raw prediction error means nothing until compared with the errors the model
+makes on normal behaviour. :class:`NormalErrorModel` is fitted on held-out *normal* residuals
+(per-feature centre and covariance → squared Mahalanobis distance d²) and turns a residual into
+a calibrated tail probability: the body of the d² distribution is its empirical CDF, the far tail
+an exponential fitted to the largest ``tail_fraction`` of distances (peaks over threshold), so
+scores stay meaningful beyond anything seen in calibration.
+
+Scores are worked with as *surprise* ``s = -log10(tail probability)`` (0 = typical, 3 = one in a
+thousand). Smoothing is an exponential moving average of surprise, i.e. a geometric mean of tail
+probabilities; the score users see is ``1 - 10**-smoothed`` in [0, 1]. The threshold is the
+smoothed surprise exceeded by a target fraction of normal readings (:func:`calibrate_threshold`).
+
+What it must not do: decide episodes (``anomaly.episodes``) or touch device state.
+
+Shapes: ``[..., F]`` residuals in scaled units, ``[...]`` distances/surprises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from anomaly.errors import TrainingError
+
+__all__ = [
+    "MAX_SURPRISE",
+    "NormalErrorModel",
+    "calibrate_threshold",
+    "score_from_surprise",
+    "smooth_surprise",
+    "surprise_from_score",
+]
+
+MAX_SURPRISE = 12.0
+"""Tail probabilities are floored at 1e-12: beyond that float32 maths and any calibration are noise."""
+
+_BODY_POINTS = 201
+
+
+@dataclass(frozen=True)
+class NormalErrorModel:
+    """Distribution of prediction residuals on normal data.
+
+    Attributes
+    ----------
+    centre : ``[F]`` mean residual; precision : ``[F, F]`` inverse (shrunk) covariance.
+    body_d2 : ``[K]`` quantiles of d² at probabilities ``body_cdf``.
+    tail_start, tail_scale, tail_fraction : exponential tail ``P(D > x) = fraction·exp(-(x - start)/scale)``.
+    n_fit : residuals the model was fitted on.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> m = NormalErrorModel.fit(rng.normal(size=(5000, 2)))
+    >>> s = m.surprise(np.array([[0.0, 0.0], [6.0, 0.0]]))
+    >>> bool(s[0] < 0.5), bool(s[1] > 6)
+    (True, True)
+    """
+
+    centre: np.ndarray
+    precision: np.ndarray
+    body_d2: np.ndarray
+    body_cdf: np.ndarray
+    tail_start: float
+    tail_scale: float
+    tail_fraction: float
+    n_fit: int
+
+    @classmethod
+    def fit(cls, residuals: np.ndarray, tail_fraction: float = 0.05, shrinkage: float = 1e-3,
+            min_samples: int = 50) -> NormalErrorModel:
+        """Fit on normal residuals ``[N, F]`` (rows with NaN are ignored).
+
+        ``shrinkage`` adds that fraction of the mean variance to the covariance's diagonal, so a
+        constant or perfectly predicted feature does not make the covariance singular.
+        """
+        r = np.asarray(residuals, dtype=np.float64)
+        if r.ndim != 2:
+            raise TrainingError(f"expected residuals [N, F], got shape {r.shape}")
+        r = r[np.isfinite(r).all(axis=1)]
+        if len(r) < min_samples:
+            raise TrainingError(f"need at least {min_samples} normal residuals to calibrate, got {len(r)}")
+        if not 0.0 < tail_fraction < 0.5:
+            raise ValueError(f"tail_fraction must be in (0, 0.5), got {tail_fraction}")
+        centre = r.mean(axis=0)
+        cov = np.atleast_2d(np.cov(r - centre, rowvar=False))
+        floor = max(float(np.trace(cov)) / len(cov), 1e-12) * shrinkage
+        precision = np.linalg.inv(cov + np.eye(len(cov)) * floor)
+        d2 = np.einsum("nf,fg,ng->n", r - centre, precision, r - centre)
+        cdf = np.linspace(0.0, 1.0 - tail_fraction, _BODY_POINTS)
+        body = np.quantile(d2, cdf)
+        start = float(body[-1])
+        excess = d2[d2 > start] - start
+        scale = float(excess.mean()) if len(excess) else max(start, 1e-6)
+        return cls(centre=centre.astype(np.float32), precision=precision.astype(np.float32),
+                   body_d2=body.astype(np.float64), body_cdf=cdf, tail_start=start,
+                   tail_scale=max(scale, 1e-9), tail_fraction=float(tail_fraction), n_fit=len(r))
+
+    @property
+    def n_features(self) -> int:
+        return len(self.centre)
+
+    def _centred(self, residuals: np.ndarray) -> np.ndarray:
+        # float64 and a clip far beyond any calibration keep absurd residuals finite
+        z = np.clip(np.asarray(residuals, dtype=np.float64) - self.centre, -1e6, 1e6)
+        return np.where(np.isnan(z), 0.0, z)  # a missing feature contributes nothing
+
+    def distance2(self, residuals: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distance ``[...]`` of residuals ``[..., F]``; NaN entries count as typical."""
+        z = self._centred(residuals)
+        return np.einsum("...f,...f->...", z @ self.precision.astype(np.float64), z)
+
+    def contributions(self, residuals: np.ndarray) -> np.ndarray:
+        """Each feature's share ``[..., F]`` of d²: ``z_i (P z)_i / d²`` (sums to 1)."""
+        z = self._centred(residuals)
+        parts = z * (z @ self.precision.astype(np.float64))
+        total = parts.sum(axis=-1, keepdims=True)
+        return np.divide(parts, total, out=np.zeros_like(parts), where=total > 0).astype(np.float32)
+
+    def tail_probability(self, d2: np.ndarray) -> np.ndarray:
+        """``P(D² > d2)`` under the normal-error distribution, floored at ``10**-MAX_SURPRISE``."""
+        d2 = np.asarray(d2, dtype=np.float64)
+        body = 1.0 - np.interp(d2, self.body_d2, self.body_cdf)
+        tail = self.tail_fraction * np.exp(-(np.maximum(d2, self.tail_start) - self.tail_start) / self.tail_scale)
+        return np.maximum(np.where(d2 >= self.tail_start, tail, body), 10.0 ** -MAX_SURPRISE)
+
+    def surprise(self, residuals: np.ndarray) -> np.ndarray:
+        """``-log10`` tail probability ``[...]`` of residuals ``[..., F]``, in [0, MAX_SURPRISE]."""
+        return (-np.log10(self.tail_probability(self.distance2(residuals)))).astype(np.float32)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"centre": self.centre.tolist(), "precision": self.precision.tolist(),
+                "body_d2": self.body_d2.tolist(), "body_cdf": self.body_cdf.tolist(),
+                "tail_start": self.tail_start, "tail_scale": self.tail_scale,
+                "tail_fraction": self.tail_fraction, "n_fit": self.n_fit}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object], n_features: int) -> NormalErrorModel:
+        """Rebuild from :meth:`to_dict` output, checking shapes (``ValueError`` names the field)."""
+        centre = np.asarray(data["centre"], dtype=np.float32)
+        precision = np.asarray(data["precision"], dtype=np.float32)
+        body_d2 = np.asarray(data["body_d2"], dtype=np.float64)
+        body_cdf = np.asarray(data["body_cdf"], dtype=np.float64)
+        if centre.shape != (n_features,):
+            raise ValueError(f"scorer.centre: expected {n_features} values, got shape {centre.shape}")
+        if precision.shape != (n_features, n_features):
+            raise ValueError(f"scorer.precision: expected [{n_features}, {n_features}], got {precision.shape}")
+        if body_d2.ndim != 1 or body_d2.shape != body_cdf.shape or len(body_d2) < 2:
+            raise ValueError("scorer.body_d2/body_cdf: expected two equal-length lists of at least 2 values")
+        if np.any(np.diff(body_d2) < 0) or np.any(np.diff(body_cdf) < 0):
+            raise ValueError("scorer.body_d2/body_cdf must be non-decreasing")
+        fields = {k: float(data[k]) for k in ("tail_start", "tail_scale", "tail_fraction")}  # type: ignore[arg-type]
+        if not all(np.isfinite(v) for v in fields.values()) or fields["tail_scale"] <= 0:
+            raise ValueError("scorer tail parameters must be finite with tail_scale > 0")
+        for name, arr in (("centre", centre), ("precision", precision), ("body_d2", body_d2)):
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"scorer.{name} has non-finite values")
+        return cls(centre=centre, precision=precision, body_d2=body_d2, body_cdf=body_cdf,
+                   n_fit=int(data.get("n_fit", 0)), **fields)  # type: ignore[arg-type]
+
+
+def score_from_surprise(surprise: np.ndarray | float) -> np.ndarray:
+    """Map surprise to the [0, 1] score users see: ``1 - 10**-surprise``.
+
+    >>> score_from_surprise(np.array([0.0, 2.0])).round(3).tolist()
+    [0.0, 0.99]
+    """
+    return (1.0 - np.power(10.0, -np.asarray(surprise, dtype=np.float64))).astype(np.float32)
+
+
+def surprise_from_score(score: float) -> float:
+    """Inverse of :func:`score_from_surprise` (a score threshold → surprise threshold).
+
+    >>> round(surprise_from_score(0.999), 6)
+    3.0
+    """
+    if not 0.0 <= score < 1.0:
+        raise ValueError(f"score must be in [0, 1), got {score}")
+    return float(-np.log10(1.0 - score))
+
+
+def smooth_surprise(surprise: np.ndarray, valid: np.ndarray, initial: np.ndarray, alpha: float) -> np.ndarray:
+    """Exponential moving average of surprise along the step axis, per row.
+
+    Parameters
+    ----------
+    surprise : ``[B, T]`` raw surprise per step.
+    valid : ``[B, T]`` bool, steps that update the average (others keep the previous value).
+    initial : ``[B]`` the average before the first step.
+    alpha : weight of the newest step, in (0, 1].
+
+    Returns
+    -------
+    ``[B, T]`` the average after each step. Cost: one vectorised update per step (T Python iterations).
+
+    >>> smooth_surprise(np.array([[4.0, 0.0]]), np.array([[True, True]]), np.array([0.0]), 0.5).tolist()
+    [[2.0, 1.0]]
+    """
+    out = np.empty(surprise.shape, dtype=np.float32)
+    m = np.asarray(initial, dtype=np.float32).copy()
+    a = np.float32(alpha)
+    for t in range(surprise.shape[1]):
+        m = np.where(valid[:, t], a * surprise[:, t] + (1 - a) * m, m)
+        out[:, t] = m
+    return out
+
+
+def calibrate_threshold(smoothed_normal: np.ndarray, false_alarm_rate: float) -> float:
+    """The smoothed-surprise threshold exceeded by ``false_alarm_rate`` of normal readings.
+
+    With fewer than ``10 / false_alarm_rate`` normal readings the empirical quantile is noise;
+    then the threshold is ``-log10(false_alarm_rate)``, which the raw (unsmoothed) surprise
+    exceeds at exactly that rate by construction, and smoothing only lowers the rate.
+
+    >>> calibrate_threshold(np.zeros(10), 1e-3)
+    3.0
+    """
+    if not 0.0 < false_alarm_rate < 1.0:
+        raise ValueError(f"false_alarm_rate must be in (0, 1), got {false_alarm_rate}")
+    values = np.asarray(smoothed_normal, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) * false_alarm_rate < 10:
+        return float(-np.log10(false_alarm_rate))
+    return float(np.quantile(values, 1.0 - false_alarm_rate))

@@ -1,0 +1,332 @@
+"""Per-device memory: device id → slot, LSTM state slabs and per-device scalars.
+
+Why it exists: every device keeps its own (h, c) across calls, and the hot path must never loop
+per device in Python. State lives in preallocated slabs addressed by slot: ``h`` and ``c`` are
+``[L, C, H]`` tensors (L layers, C slab capacity, H hidden size — note the slot axis is the
+*second* one, as in :class:`torch.nn.LSTM` state), and per-device scalars are ``[C]`` numpy arrays.
+The detector gathers the slots of a batch with one index tensor, runs one forward pass and
+scatters the result back.
+
+What it must not do: know about Kafka or partitions (``streams.changelog`` maps snapshots to
+topics), or score readings (``anomaly.detector`` does).
+
+Memory: ``2·L·H·4`` bytes of h/c plus ``8·F + 38`` bytes of scalars per slot, plus the id
+dictionary. Capacity grows by doubling, so growth copies are amortised, never per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from anomaly.errors import StateFormatError, StateModelMismatchError
+
+__all__ = ["NO_TIMESTAMP", "DeviceSnapshot", "DeviceStateStore"]
+
+logger = logging.getLogger(__name__)
+
+NO_TIMESTAMP = np.iinfo(np.int64).min
+"""``last_ts`` of a slot that has seen no reading yet."""
+
+_MAGIC = b"SADS"
+_FORMAT_VERSION = 1
+# magic, format version, L, H, F, len(model_version), len(device_id),
+# last_ts, steps, smoothed, in_episode, run_length, episode_start
+_HEADER = struct.Struct("<4sBHIHHHqqfBiq")
+_CRC = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class DeviceSnapshot:
+    """A decoded snapshot (see :meth:`DeviceStateStore.decode_snapshot`)."""
+
+    device_id: str
+    model_version: str
+    last_ts: int
+    steps: int
+    smoothed: float
+    in_episode: bool
+    run_length: int
+    episode_start: int
+    h: np.ndarray  # [L, H]
+    c: np.ndarray  # [L, H]
+    last_pred: np.ndarray  # [F]
+    last_input: np.ndarray  # [F]
+
+
+class DeviceStateStore:
+    """Slot-addressed state of a fleet of devices for one model.
+
+    Parameters
+    ----------
+    num_layers, hidden_size, n_features : int
+        L, H and F of the model whose state this holds.
+    model_version : str
+        Written into every snapshot; :meth:`restore` rejects snapshots of another version.
+    capacity : int
+        Initial slab capacity C (grows by doubling).
+
+    Attributes (all indexed by slot)
+    --------------------------------
+    h, c : torch.Tensor ``[L, C, H]`` float32
+    last_ts : ``[C]`` int64, epoch ms of the last accepted reading (``NO_TIMESTAMP`` if none)
+    steps : ``[C]`` int64, readings advanced since the device's state was (re)started
+    smoothed : ``[C]`` float32, smoothed surprise (see :mod:`anomaly.scoring`)
+    in_episode : ``[C]`` bool; run_length : ``[C]`` int32 readings counted towards entering or
+    leaving an episode; episode_start : ``[C]`` int64 epoch ms
+    last_pred : ``[C, F]`` float32, the scaled forecast of the next reading
+    last_input : ``[C, F]`` float32, the last scaled input, used to fill missing features
+
+    Examples
+    --------
+    >>> store = DeviceStateStore(num_layers=1, hidden_size=4, n_features=2, model_version="v1")
+    >>> store.slots_for(np.array(["a", "b"], dtype=object)).tolist()
+    [0, 1]
+    >>> store.steps[1] = 7
+    >>> blob = store.snapshot("b")
+    >>> other = DeviceStateStore(num_layers=1, hidden_size=4, n_features=2, model_version="v1")
+    >>> other.restore(blob), int(other.steps[other.slot_of("b")])
+    ('b', 7)
+    """
+
+    def __init__(self, num_layers: int, hidden_size: int, n_features: int, model_version: str = "",
+                 capacity: int = 1024):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.num_layers = num_layers
+        self.hidden_size = hidden_size
+        self.n_features = n_features
+        self.model_version = model_version
+        self._slots: dict[str, int] = {}
+        self._ids: list[str | None] = []
+        self._free: list[int] = []
+        self.capacity = 0
+        self.h = torch.zeros(num_layers, 0, hidden_size)
+        self.c = torch.zeros(num_layers, 0, hidden_size)
+        self.last_ts = np.empty(0, dtype=np.int64)
+        self.steps = np.empty(0, dtype=np.int64)
+        self.smoothed = np.empty(0, dtype=np.float32)
+        self.in_episode = np.empty(0, dtype=bool)
+        self.run_length = np.empty(0, dtype=np.int32)
+        self.episode_start = np.empty(0, dtype=np.int64)
+        self.last_pred = np.empty((0, n_features), dtype=np.float32)
+        self.last_input = np.empty((0, n_features), dtype=np.float32)
+        self._grow(capacity)
+
+    # ------------------------------------------------------------------ slots
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __contains__(self, device_id: object) -> bool:
+        return device_id in self._slots
+
+    def devices(self) -> list[str]:
+        return list(self._slots)
+
+    def slot_of(self, device_id: str) -> int:
+        try:
+            return self._slots[device_id]
+        except KeyError:
+            raise KeyError(f"device {device_id!r} has no state") from None
+
+    def slots_for(self, device_ids: np.ndarray | Sequence[str]) -> np.ndarray:
+        """Slots ``[U]`` of distinct ``device_ids``, allocating zeroed slots for new devices.
+
+        Cost: one dict lookup per device id (Python), the rest vectorised.
+        """
+        get = self._slots.get
+        slots = np.fromiter((get(d, -1) for d in device_ids), dtype=np.int64, count=len(device_ids))
+        new = np.flatnonzero(slots < 0)
+        if len(new):
+            need = len(new) - len(self._free) + len(self._ids) - self.capacity
+            if need > 0:
+                self._grow(max(self.capacity * 2, self.capacity + need))
+            for i in new:
+                device = str(device_ids[i])
+                if self._free:
+                    slot = self._free.pop()
+                    self._ids[slot] = device
+                else:
+                    slot = len(self._ids)
+                    self._ids.append(device)
+                self._slots[device] = slot
+                slots[i] = slot
+            self.reset(slots[new])
+        return slots
+
+    def _grow(self, capacity: int) -> None:
+        old = self.capacity
+        logger.debug("growing state slabs from %d to %d slots", old, capacity)
+
+        def grow_np(a: np.ndarray, fill: object) -> np.ndarray:
+            out = np.empty((capacity, *a.shape[1:]), dtype=a.dtype)
+            out[:old] = a
+            out[old:] = fill
+            return out
+
+        for name, fill in (("last_ts", NO_TIMESTAMP), ("steps", 0), ("smoothed", 0.0), ("in_episode", False),
+                           ("run_length", 0), ("episode_start", 0), ("last_pred", 0.0), ("last_input", 0.0)):
+            setattr(self, name, grow_np(getattr(self, name), fill))
+        for name in ("h", "c"):
+            t = getattr(self, name)
+            out = torch.zeros(self.num_layers, capacity, self.hidden_size)
+            out[:, :old] = t
+            setattr(self, name, out)
+        self.capacity = capacity
+
+    def reset(self, slots: np.ndarray) -> None:
+        """Zero the state of ``slots`` (a new device, or one restarting after a gap); keeps ``last_ts``."""
+        idx = torch.as_tensor(slots, dtype=torch.long)
+        self.h[:, idx] = 0.0
+        self.c[:, idx] = 0.0
+        self.steps[slots] = 0
+        self.smoothed[slots] = 0.0
+        self.in_episode[slots] = False
+        self.run_length[slots] = 0
+        self.episode_start[slots] = 0
+        self.last_pred[slots] = 0.0
+        self.last_input[slots] = 0.0
+
+    def remove(self, device_ids: Iterable[str]) -> int:
+        """Drop devices' state (e.g. their partition was revoked); returns how many were held."""
+        removed = []
+        for device in device_ids:
+            slot = self._slots.pop(device, None)
+            if slot is not None:
+                self._ids[slot] = None
+                self._free.append(slot)
+                removed.append(slot)
+        if removed:
+            slots = np.asarray(removed, dtype=np.int64)
+            self.reset(slots)
+            self.last_ts[slots] = NO_TIMESTAMP
+        return len(removed)
+
+    def evict_idle(self, now_ms: int, ttl_ms: int) -> list[str]:
+        """Drop devices whose last reading is older than ``now_ms - ttl_ms`` (event time); returns their ids.
+
+        Event time rather than wall time keeps a replay of the same input deterministic.
+        """
+        occupied = np.fromiter(self._slots.values(), dtype=np.int64, count=len(self._slots))
+        if not len(occupied):
+            return []
+        stale = occupied[self.last_ts[occupied] < now_ms - ttl_ms]
+        devices = [self._ids[s] for s in stale.tolist()]
+        evicted = [d for d in devices if d is not None]
+        self.remove(evicted)
+        if evicted:
+            logger.info("evicted %d idle devices (no reading for %d ms)", len(evicted), ttl_ms)
+        return evicted
+
+    def nbytes(self) -> int:
+        """Bytes held by the slabs (not counting the id dictionary)."""
+        arrays = (self.last_ts, self.steps, self.smoothed, self.in_episode, self.run_length,
+                  self.episode_start, self.last_pred, self.last_input)
+        return (self.h.element_size() * self.h.nelement() * 2) + sum(a.nbytes for a in arrays)
+
+    # -------------------------------------------------------------- snapshots
+    def snapshot(self, device_id: str) -> bytes:
+        """The device's state as bytes: versioned, checksummed, carrying the model version."""
+        return self.snapshot_many([device_id])[0]
+
+    def snapshot_many(self, device_ids: Sequence[str]) -> list[bytes]:
+        """Snapshots of several devices, gathering their slabs once."""
+        slots = np.fromiter((self.slot_of(d) for d in device_ids), dtype=np.int64, count=len(device_ids))
+        idx = torch.as_tensor(slots, dtype=torch.long)
+        h = self.h[:, idx].permute(1, 0, 2).contiguous().numpy()  # [n, L, H]
+        c = self.c[:, idx].permute(1, 0, 2).contiguous().numpy()
+        tail = np.concatenate([h.reshape(len(slots), -1), c.reshape(len(slots), -1),
+                               self.last_pred[slots], self.last_input[slots]], axis=1).astype("<f4")
+        version = self.model_version.encode()
+        out = []
+        for i, (device, slot) in enumerate(zip(device_ids, slots.tolist(), strict=True)):
+            dev = device.encode()
+            body = b"".join((
+                _HEADER.pack(_MAGIC, _FORMAT_VERSION, self.num_layers, self.hidden_size, self.n_features,
+                             len(version), len(dev), int(self.last_ts[slot]), int(self.steps[slot]),
+                             float(self.smoothed[slot]), bool(self.in_episode[slot]),
+                             int(self.run_length[slot]), int(self.episode_start[slot])),
+                version, dev, tail[i].tobytes()))
+            out.append(body + _CRC.pack(zlib.crc32(body)))
+        return out
+
+    @staticmethod
+    def decode_snapshot(data: bytes) -> DeviceSnapshot:
+        """Parse a snapshot; raises :class:`StateFormatError` naming what is wrong."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise StateFormatError(f"snapshot must be bytes, got {type(data).__name__}")
+        data = bytes(data)
+        if len(data) < _HEADER.size + _CRC.size:
+            raise StateFormatError(f"snapshot too short ({len(data)} bytes)")
+        if data[:4] != _MAGIC:
+            raise StateFormatError("not a device-state snapshot (bad magic bytes)")
+        if data[4] != _FORMAT_VERSION:
+            raise StateFormatError(f"unknown snapshot format version {data[4]} (supported: {_FORMAT_VERSION})")
+        body, (crc,) = data[:-_CRC.size], _CRC.unpack(data[-_CRC.size:])
+        if zlib.crc32(body) != crc:
+            raise StateFormatError("snapshot checksum mismatch (corrupt or truncated)")
+        (_, _, layers, hidden, feats, n_ver, n_dev, last_ts, steps, smoothed, in_ep, run_len,
+         ep_start) = _HEADER.unpack_from(body)
+        off = _HEADER.size
+        n_floats = 2 * layers * hidden + 2 * feats
+        if len(body) != off + n_ver + n_dev + 4 * n_floats:
+            raise StateFormatError("snapshot length does not match its header")
+        try:
+            version = body[off:off + n_ver].decode()
+            device = body[off + n_ver:off + n_ver + n_dev].decode()
+        except UnicodeDecodeError as exc:
+            raise StateFormatError(f"snapshot has a non-UTF-8 id: {exc}") from exc
+        floats = np.frombuffer(body, dtype="<f4", count=n_floats, offset=off + n_ver + n_dev)
+        lh = layers * hidden
+        return DeviceSnapshot(
+            device_id=device, model_version=version, last_ts=last_ts, steps=steps, smoothed=smoothed,
+            in_episode=bool(in_ep), run_length=run_len, episode_start=ep_start,
+            h=floats[:lh].reshape(layers, hidden), c=floats[lh:2 * lh].reshape(layers, hidden),
+            last_pred=floats[2 * lh:2 * lh + feats], last_input=floats[2 * lh + feats:])
+
+    def restore(self, data: bytes) -> str:
+        """Load one snapshot into this store (overwriting that device's state); returns the device id.
+
+        Raises :class:`StateFormatError` for garbage and :class:`StateModelMismatchError` for a
+        snapshot of another model version or shape.
+        """
+        snap = self.decode_snapshot(data)
+        self.restore_snapshots([snap])
+        return snap.device_id
+
+    def restore_snapshots(self, snaps: Sequence[DeviceSnapshot]) -> None:
+        """Load decoded snapshots in one vectorised write (restoring a partition of many devices)."""
+        for snap in snaps:
+            self._check_compatible(snap)
+        if not snaps:
+            return
+        slots = self.slots_for(np.array([s.device_id for s in snaps], dtype=object))
+        idx = torch.as_tensor(slots, dtype=torch.long)
+        self.h[:, idx] = torch.from_numpy(np.stack([s.h for s in snaps], axis=1).copy())
+        self.c[:, idx] = torch.from_numpy(np.stack([s.c for s in snaps], axis=1).copy())
+        self.last_ts[slots] = [s.last_ts for s in snaps]
+        self.steps[slots] = [s.steps for s in snaps]
+        self.smoothed[slots] = [s.smoothed for s in snaps]
+        self.in_episode[slots] = [s.in_episode for s in snaps]
+        self.run_length[slots] = [s.run_length for s in snaps]
+        self.episode_start[slots] = [s.episode_start for s in snaps]
+        self.last_pred[slots] = np.stack([s.last_pred for s in snaps])
+        self.last_input[slots] = np.stack([s.last_input for s in snaps])
+
+    def _check_compatible(self, snap: DeviceSnapshot) -> None:
+        if snap.model_version != self.model_version:
+            raise StateModelMismatchError(
+                f"snapshot of device {snap.device_id!r} is from model version {snap.model_version!r}, "
+                f"expected {self.model_version!r}")
+        if (snap.h.shape != (self.num_layers, self.hidden_size)
+                or snap.last_pred.shape != (self.n_features,)):
+            raise StateModelMismatchError(
+                f"snapshot of device {snap.device_id!r} has shape L={snap.h.shape[0]} H={snap.h.shape[1]} "
+                f"F={snap.last_pred.shape[0]}, expected L={self.num_layers} H={self.hidden_size} "
+                f"F={self.n_features}")

@@ -1,0 +1,267 @@
+"""Training a forecaster on normal history and calibrating its scorer: ``fit(DataFrame) -> ModelBundle``.
+
+Why it exists: the notebook, the CLI (``sensor-anomaly train``) and the evaluation commands train
+the same way. Steps: validate the table → per-device series sorted by time (duplicate timestamps
+dropped, missing values forward-filled) → split each device by time into a training part and a
+held-out normal part → fit the scaler on the training part → truncated backpropagation through
+time over contiguous pieces, carrying (h, c) across chunks so the network learns to run from a
+long-lived state, as it does in the service → early stopping on the held-out loss → fit the
+:class:`~anomaly.scoring.NormalErrorModel` and the threshold on held-out residuals, computed by
+streaming each device's whole series through the trained model.
+
+What it must not do: read files or talk to Kafka (``anomaly.datasets`` and ``streams`` do).
+Deterministic for a given seed on one machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from anomaly.bundle import DetectorConfig, ModelBundle, Scaler
+from anomaly.errors import DataError, TrainingError
+from anomaly.model import LSTMForecaster
+from anomaly.readings import ReadingBatch
+from anomaly.scoring import NormalErrorModel, calibrate_threshold, smooth_surprise
+
+__all__ = ["TrainingConfig", "fit", "prepare_series"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Hyperparameters of :func:`fit` (defaults suit sensor data at a regular interval).
+
+    ``window`` is the truncated-BPTT chunk length; ``piece_length`` the length of the contiguous
+    pieces trained in parallel (state is carried across the chunks of a piece).
+    """
+
+    hidden_size: int = 64
+    num_layers: int = 1
+    dropout: float = 0.0
+    window: int = 32
+    piece_length: int = 256
+    batch_size: int = 32
+    epochs: int = 30
+    learning_rate: float = 3e-3
+    val_fraction: float = 0.25
+    patience: int = 4
+    seed: int = 0
+    max_seconds: float | None = None
+    burn_in: int = 8
+
+    def __post_init__(self) -> None:
+        ints = ("hidden_size", "num_layers", "window", "piece_length", "batch_size", "epochs", "patience")
+        for name in ints:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"training setting {name}={getattr(self, name)!r} must be an integer >= 1")
+        if not 0.0 < self.val_fraction < 0.9:
+            raise ValueError(f"training setting val_fraction={self.val_fraction} must be in (0, 0.9)")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"training setting learning_rate={self.learning_rate} must be > 0")
+        if self.piece_length < self.window:
+            raise ValueError(f"piece_length ({self.piece_length}) must be >= window ({self.window})")
+
+
+def prepare_series(frame: pd.DataFrame, features: Sequence[str], time_col: str,
+                   device_col: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-device ``(timestamps_ms [T], values [T, F])`` sorted by time, ready for training.
+
+    Duplicate timestamps keep their first row; missing values are forward- then back-filled within
+    a device; rows with every feature missing are dropped. Raises :class:`DataError` naming the
+    column for missing or non-numeric columns and for an empty table.
+    """
+    if len(features) == 0:
+        raise DataError("no features given")
+    if frame.empty:
+        raise DataError("the table has no rows")
+    batch = ReadingBatch.from_frame(frame, features, time_col=time_col, device_col=device_col)
+    table = pd.DataFrame(batch.values, columns=list(features))
+    table["_device"], table["_ts"] = batch.device_ids, batch.timestamps_ms
+    table = table.dropna(subset=list(features), how="all")
+    table = table.sort_values(["_device", "_ts"], kind="stable").drop_duplicates(["_device", "_ts"])
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for device, part in table.groupby("_device", sort=True):
+        vals = part[list(features)].ffill().bfill()
+        if vals.isna().any().any():
+            column = vals.columns[vals.isna().any()][0]
+            raise DataError(f"column {column!r} has no value at all for device {device!r}")
+        out[str(device)] = (part["_ts"].to_numpy(np.int64), vals.to_numpy(np.float32))
+    return out
+
+
+def _pieces(series: list[np.ndarray], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut scaled series into contiguous pieces ``[S, length, F]`` with a validity mask ``[S, length]``."""
+    pieces, masks = [], []
+    for values in series:
+        for start in range(0, len(values) - 1, length):
+            chunk = values[start:start + length]
+            if len(chunk) < 2:
+                continue
+            pad = length - len(chunk)
+            pieces.append(np.pad(chunk, ((0, pad), (0, 0))))
+            masks.append(np.r_[np.ones(len(chunk), bool), np.zeros(pad, bool)])
+    return torch.from_numpy(np.stack(pieces)), torch.from_numpy(np.stack(masks))
+
+
+def _stream_predictions(model: LSTMForecaster, series: list[np.ndarray]) -> list[np.ndarray]:
+    """One-step forecasts of each whole series from a zero state (what the detector computes)."""
+    lengths = torch.as_tensor([len(s) for s in series])
+    x = torch.zeros(len(series), int(lengths.max()), series[0].shape[1])
+    for i, s in enumerate(series):
+        x[i, :len(s)] = torch.from_numpy(s)
+    with torch.inference_mode():
+        pred, _ = model(x, None, lengths)
+    return [pred[i, :len(s)].numpy() for i, s in enumerate(series)]
+
+
+def fit(frame: pd.DataFrame, features: Sequence[str], time_col: str, device_col: str | None = None, *,
+        config: TrainingConfig | None = None, detector: DetectorConfig | None = None,
+        name: str = "sensor-anomaly", version: str = "1", progress: bool = True,
+        **overrides: Any) -> ModelBundle:
+    """Train a forecaster on normal history and calibrate its scorer.
+
+    Parameters
+    ----------
+    frame : one row per reading of normal operation (one or many devices).
+    features : the numeric columns to model, in the order the model will use.
+    time_col : timestamps (ISO-8601, datetimes or epoch ms); device_col : device ids, or ``None``
+        for a single device.
+    config : hyperparameters; keyword ``overrides`` replace single fields (``epochs=5``).
+    detector : detector settings; its ``threshold`` is replaced by the calibrated one and its
+        ``nominal_interval_ms`` by the median interval of the data.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> t = np.arange(600)
+    >>> df = pd.DataFrame({"ts": t * 1000, "x": np.sin(t / 10) + rng.normal(0, 0.05, 600)})
+    >>> bundle = fit(df, ["x"], time_col="ts", epochs=2, hidden_size=8, progress=False)
+    >>> bundle.features, bundle.config.nominal_interval_ms
+    (('x',), 1000)
+    """
+    cfg = replace(config or TrainingConfig(), **overrides)
+    det = detector or DetectorConfig()
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    series = prepare_series(frame, features, time_col, device_col)
+    devices = list(series)
+    n_rows = sum(len(v) for _, v in series.values())
+    min_rows = max(2 * det.warmup_steps + 20, 4 * cfg.window)
+    splits = {d: round(len(v) * (1 - cfg.val_fraction)) for d, (_, v) in series.items()}
+    usable = [d for d in devices if splits[d] >= 2 and len(series[d][1]) - splits[d] >= 2]
+    if n_rows < min_rows or not usable:
+        raise TrainingError(f"too little data: {n_rows} usable rows over {len(devices)} device(s); need at least "
+                            f"{min_rows} rows (window={cfg.window}, warmup_steps={det.warmup_steps})")
+    train_raw = np.concatenate([series[d][1][:splits[d]] for d in usable])
+    scaler = Scaler.fit(train_raw)
+    scaled = {d: scaler.transform(series[d][1]) for d in usable}
+    diffs = np.concatenate([np.diff(series[d][0]) for d in usable])
+    interval = int(np.median(diffs[diffs > 0])) if (diffs > 0).any() else det.nominal_interval_ms
+
+    model = LSTMForecaster(len(features), cfg.hidden_size, cfg.num_layers, cfg.dropout)
+    x_all, mask_all = _pieces([scaled[d][:splits[d]] for d in usable], cfg.piece_length)
+    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    loss_fn = nn.MSELoss(reduction="none")
+    best_loss, best_state, stale, epochs_run = math.inf, None, 0, 0
+    history: list[dict[str, float]] = []
+    bar = tqdm(range(cfg.epochs), desc="training", unit="epoch", disable=not progress, leave=False)
+    for epoch in bar:
+        model.train()
+        perm = torch.from_numpy(rng.permutation(len(x_all)))
+        total, count = 0.0, 0
+        for first in range(0, len(perm), cfg.batch_size):
+            idx = perm[first:first + cfg.batch_size]
+            xb, mb = x_all[idx], mask_all[idx]
+            state = None
+            for c0 in range(0, cfg.piece_length - 1, cfg.window):
+                c1 = min(c0 + cfg.window, cfg.piece_length - 1)
+                pred, state = model(xb[:, c0:c1], state)
+                state = (state[0].detach(), state[1].detach())
+                weight = (mb[:, c0 + 1:c1 + 1] & mb[:, c0:c1]).float()
+                if c0 == 0:
+                    weight[:, :cfg.burn_in] = 0.0
+                denom = weight.sum() * len(features)
+                if denom == 0:
+                    continue
+                loss = (loss_fn(pred, xb[:, c0 + 1:c1 + 1]).sum(-1) * weight).sum() / denom
+                optimiser.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimiser.step()
+                total += float(loss.detach()) * float(denom)
+                count += int(denom)
+        model.eval()
+        val_loss = _validation_loss(model, [scaled[d] for d in usable], [splits[d] for d in usable])
+        epochs_run = epoch + 1
+        history.append({"epoch": epochs_run, "train_loss": total / max(count, 1), "val_loss": val_loss})
+        bar.set_postfix(train=f"{total / max(count, 1):.4f}", val=f"{val_loss:.4f}")
+        logger.info("epoch %d: train loss %.5f, held-out loss %.5f", epochs_run, total / max(count, 1), val_loss)
+        if val_loss < best_loss - 1e-6:
+            best_loss, stale = val_loss, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+        if cfg.max_seconds is not None and time.perf_counter() - started > cfg.max_seconds:
+            logger.info("stopping after %.0f s (max_seconds)", time.perf_counter() - started)
+            break
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+
+    scorer, threshold = _calibrate(model, [scaled[d] for d in usable], [splits[d] for d in usable], det)
+    summary = {
+        "rows": n_rows, "devices": len(devices), "devices_used": len(usable),
+        "time_range": [int(min(series[d][0][0] for d in usable)), int(max(series[d][0][-1] for d in usable))],
+        "epochs": epochs_run, "best_val_loss": best_loss, "history": history,
+        "seconds": round(time.perf_counter() - started, 2), "seed": cfg.seed,
+        "calibration_residuals": scorer.n_fit, "config": {k: v for k, v in cfg.__dict__.items()},
+    }
+    logger.info("trained %s v%s on %d rows in %.1f s (best held-out loss %.5f)", name, version, n_rows,
+                summary["seconds"], best_loss)
+    return ModelBundle(name=name, version=version, features=tuple(features), scaler=scaler, model=model,
+                       scorer=scorer, config=replace(det, threshold=threshold, nominal_interval_ms=interval),
+                       training=summary)
+
+
+def _validation_loss(model: LSTMForecaster, series: list[np.ndarray], splits: list[int]) -> float:
+    preds = _stream_predictions(model, series)
+    errs = [((p[split - 1:-1] - s[split:]) ** 2).mean() for p, s, split in zip(preds, series, splits, strict=True)]
+    return float(np.mean(errs))
+
+
+def _calibrate(model: LSTMForecaster, series: list[np.ndarray], splits: list[int],
+               det: DetectorConfig) -> tuple[NormalErrorModel, float]:
+    """Fit the normal-error model and the threshold on held-out residuals (after warm-up)."""
+    preds = _stream_predictions(model, series)
+    residuals = []
+    for p, s, split in zip(preds, series, splits, strict=True):
+        first = max(split, det.warmup_steps)
+        residuals.append(s[first:] - p[first - 1:-1])
+    if sum(len(r) for r in residuals) < 50:
+        raise TrainingError("too little held-out data to calibrate the scorer (need 50 readings after warm-up); "
+                            "give more rows or raise val_fraction")
+    scorer = NormalErrorModel.fit(np.concatenate(residuals))
+    longest = max(len(r) for r in residuals)
+    surprise = np.zeros((len(residuals), longest), dtype=np.float32)
+    valid = np.zeros((len(residuals), longest), dtype=bool)
+    for i, r in enumerate(residuals):
+        surprise[i, :len(r)] = scorer.surprise(r)
+        valid[i, :len(r)] = True
+    smoothed = smooth_surprise(surprise, valid, np.zeros(len(residuals), np.float32), det.smoothing_alpha)
+    return scorer, calibrate_threshold(smoothed[valid], det.false_alarm_rate)

@@ -1,0 +1,200 @@
+"""StreamingDetector: batching equivalence (hypothesis), ordering rules, gaps, missing values, events."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from anomaly.bundle import ModelBundle
+from anomaly.detector import StreamingDetector
+from anomaly.errors import InvalidReadingError
+from anomaly.events import ReadingStatus
+from anomaly.readings import ReadingBatch
+from anomaly.scoring import NormalErrorModel
+
+FEATURES = ("a", "b", "c")
+
+
+def stateful_bundle(**config) -> ModelBundle:
+    """A bundle whose forecasts depend on the hidden state (random head, not plain persistence)."""
+    torch.manual_seed(1)
+    scorer = NormalErrorModel.fit(np.random.default_rng(0).normal(scale=0.3, size=(2000, 3)))
+    bundle = ModelBundle.untrained(FEATURES, hidden_size=16, num_layers=2, scorer=scorer, version="7")
+    with torch.no_grad():
+        bundle.model.head.weight.normal_(0, 0.3)
+        bundle.model.head.bias.normal_(0, 0.1)
+    settings_ = {"warmup_steps": 3, "threshold": 2.0, "cooldown": 2, "gap_factor": 5.0,
+                 "nominal_interval_ms": 1000} | config
+    return bundle.with_config(**settings_)
+
+
+def device_series(seed: int, length: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    values = np.cumsum(rng.normal(scale=0.2, size=(length, 3)), axis=0).astype(np.float32)
+    spikes = rng.random(length) < 0.08
+    values[spikes, 0] += 6.0
+    return values
+
+
+def reference_scores(bundle, devices):
+    """Each device's whole series in one call on a fresh detector."""
+    out = {}
+    for name, (ts, values) in devices.items():
+        det = StreamingDetector(bundle)
+        res = det.process(ReadingBatch.from_arrays([name] * len(ts), ts, values))
+        out[name] = (res.scores, [(e.kind, e.ts_ms) for e in res.events])
+    return out
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), n_devices=st.integers(1, 4))
+def test_any_split_into_messages_and_batches_scores_like_one_pass(data, n_devices):
+    bundle = stateful_bundle()
+    devices = {}
+    for d in range(n_devices):
+        length = data.draw(st.integers(1, 40), label=f"length{d}")
+        devices[f"dev{d}"] = (1_000_000 + np.arange(length, dtype=np.int64) * 1000, device_series(d, length))
+    expected = reference_scores(bundle, devices)
+
+    # cut every device's series into messages (runs of consecutive readings) ...
+    messages = {name: [] for name in devices}
+    for name, (ts, _) in devices.items():
+        pos = 0
+        while pos < len(ts):
+            size = data.draw(st.integers(1, 12), label="message size")
+            messages[name].append((pos, min(pos + size, len(ts))))
+            pos += size
+    # ... interleave the devices' messages in any order that keeps each device's order ...
+    queue = []
+    cursors = dict.fromkeys(devices, 0)
+    while any(cursors[n] < len(messages[n]) for n in devices):
+        live = sorted(n for n in devices if cursors[n] < len(messages[n]))
+        name = data.draw(st.sampled_from(live), label="next device")
+        queue.append((name, *messages[name][cursors[name]]))
+        cursors[name] += 1
+    # ... and group consecutive messages into batches of any size
+    det = StreamingDetector(bundle)
+    got = {name: ([], []) for name in devices}
+    i = 0
+    while i < len(queue):
+        size = data.draw(st.integers(1, 6), label="batch size")
+        chunk = queue[i:i + size]
+        i += size
+        ids = [n for n, a, b in chunk for _ in range(a, b)]
+        ts = np.concatenate([devices[n][0][a:b] for n, a, b in chunk])
+        values = np.concatenate([devices[n][1][a:b] for n, a, b in chunk])
+        res = det.process(ReadingBatch.from_arrays(ids, ts, values))
+        for name in devices:
+            mask = np.asarray(ids, dtype=object) == name
+            got[name][0].append(res.scores[mask])
+        for e in res.events:
+            got[e.device_id][1].append((e.kind, e.ts_ms))
+    for name in devices:
+        np.testing.assert_allclose(np.concatenate(got[name][0]), expected[name][0], atol=1e-5, equal_nan=True)
+        assert got[name][1] == expected[name][1]
+
+
+def test_readings_are_taken_in_timestamp_order_within_a_batch():
+    bundle = stateful_bundle()
+    ts = 1000 * np.arange(10, dtype=np.int64)
+    values = device_series(3, 10)
+    in_order = StreamingDetector(bundle).process(ReadingBatch.from_arrays(["d"] * 10, ts, values))
+    perm = np.random.default_rng(0).permutation(10)
+    shuffled = StreamingDetector(bundle).process(ReadingBatch.from_arrays(["d"] * 10, ts[perm], values[perm]))
+    np.testing.assert_allclose(shuffled.scores, in_order.scores[perm], atol=1e-6, equal_nan=True)
+
+
+def test_duplicates_and_out_of_order_readings_are_dropped_and_counted():
+    det = StreamingDetector(stateful_bundle())
+    det.process(ReadingBatch.from_arrays(["d"] * 5, 1000 * np.arange(5), device_series(0, 5)))
+    steps_before = int(det.store.steps[det.store.slot_of("d")])
+    res = det.process(ReadingBatch.from_arrays(["d", "d", "d", "d"], [4000, 2000, 5000, 5000],
+                                               device_series(1, 4)))
+    assert [ReadingStatus(s).label for s in res.status] == ["duplicate", "out_of_order", "scored", "duplicate"]
+    assert res.counts() == {"scored": 1, "warmup": 0, "duplicate": 2, "out_of_order": 1}
+    assert np.isnan(res.scores[[0, 1, 3]]).all()
+    assert det.store.steps[det.store.slot_of("d")] == steps_before + 1
+
+
+def test_first_readings_of_a_device_are_warmup():
+    det = StreamingDetector(stateful_bundle(warmup_steps=4))
+    res = det.process(ReadingBatch.from_arrays(["d"] * 6, 1000 * np.arange(6), device_series(0, 6)))
+    assert res.counts()["warmup"] == 4 and np.isnan(res.scores[:4]).all() and np.isfinite(res.scores[4:]).all()
+    assert np.isnan(res.expected[0]).all() and np.isfinite(res.expected[1:]).all()
+
+
+@pytest.mark.parametrize("policy, warmups", [("reset", 3 + 3), ("carry", 3)])
+def test_gap_policy(policy, warmups):
+    det = StreamingDetector(stateful_bundle(gap_policy=policy))
+    ts = np.r_[1000 * np.arange(10), 100_000 + 1000 * np.arange(10)].astype(np.int64)
+    res = det.process(ReadingBatch.from_arrays(["d"] * 20, ts, device_series(0, 20)))
+    assert res.counts()["warmup"] == warmups
+    assert res.gap_resets == (1 if policy == "reset" else 0)
+
+
+def test_gap_reset_inside_a_batch_equals_a_fresh_device():
+    bundle = stateful_bundle()
+    values = device_series(5, 20)
+    ts = np.r_[1000 * np.arange(10), 100_000 + 1000 * np.arange(10)].astype(np.int64)
+    both = StreamingDetector(bundle).process(ReadingBatch.from_arrays(["d"] * 20, ts, values))
+    fresh = StreamingDetector(bundle).process(ReadingBatch.from_arrays(["d"] * 10, ts[10:], values[10:]))
+    np.testing.assert_allclose(both.scores[10:], fresh.scores, atol=1e-6, equal_nan=True)
+
+
+def test_missing_feature_is_filled_and_contributes_nothing():
+    det = StreamingDetector(stateful_bundle())
+    values = device_series(0, 12)
+    det.process(ReadingBatch.from_arrays(["d"] * 11, 1000 * np.arange(11), values[:11]))
+    gap = values[11:].copy()
+    gap[0, 0] = np.nan
+    gap[0, 1] += 50.0  # b is wildly off, a is missing
+    res = det.process(ReadingBatch.from_arrays(["d"], [11_000], gap))
+    assert res.counts()["scored"] == 1 and np.isfinite(res.scores[0])
+    contributions = det.bundle.scorer.contributions(np.array([[np.nan, 50.0, 0.0]], dtype=np.float32))[0]
+    assert contributions[0] == 0.0 and contributions[1] > 0.9
+
+
+def test_events_name_expected_actual_contributions_and_model():
+    det = StreamingDetector(stateful_bundle(threshold=3.0))
+    values = np.zeros((30, 3), dtype=np.float32)
+    values[20:25, 2] = 40.0
+    res = det.process(ReadingBatch.from_arrays(["d"] * 30, 1000 * np.arange(30), values))
+    kinds = [e.kind for e in res.events]
+    assert kinds[0] == "start" and "end" in kinds
+    start = res.events[0]
+    assert start.ts_ms == 20_000 and start.row == 20 and start.model_version == "7"
+    assert max(start.contributions, key=start.contributions.get) == "c"
+    assert start.actual["c"] == 40.0 and set(start.expected) == set(FEATURES)
+    assert start.score >= start.threshold
+    assert res.anomalous[20] and not res.anomalous[19]
+
+
+def test_input_contract_is_checked_at_the_boundary():
+    det = StreamingDetector(stateful_bundle())
+    with pytest.raises(InvalidReadingError, match="expected 3 features"):
+        det.process(ReadingBatch.from_arrays(["d"], [0], [[1.0, 2.0]]))
+    with pytest.raises(InvalidReadingError, match="infinite"):
+        ReadingBatch.from_arrays(["d"], [0], [[1.0, np.inf, 0.0]])
+    empty = det.process(ReadingBatch.empty(3))
+    assert len(empty.scores) == 0 and empty.events == []
+
+
+def test_huge_values_score_high_without_overflow():
+    det = StreamingDetector(stateful_bundle())
+    values = device_series(0, 12)
+    values[-1] = 3e38
+    res = det.process(ReadingBatch.from_arrays(["d"] * 12, 1000 * np.arange(12), values))
+    assert np.isfinite(res.scores[-1]) and res.scores[-1] > 0.9
+    assert torch.isfinite(det.store.h).all() and torch.isfinite(det.store.c).all()
+    after = det.process(ReadingBatch.from_arrays(["d"], [12_000], device_series(0, 1)))
+    assert np.isfinite(after.scores[0])
+
+
+def test_idle_devices_are_evicted_by_event_time():
+    det = StreamingDetector(stateful_bundle())
+    det.process(ReadingBatch.from_arrays(["old", "new"], [0, 100_000], np.zeros((2, 3))))
+    assert det.evict_idle(now_ms=100_000, ttl_ms=50_000) == ["old"]
+    assert "old" not in det.store and "new" in det.store

@@ -1,0 +1,98 @@
+"""DeviceStateStore: slots, growth, eviction, snapshot/restore round trips and garbage rejection."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from anomaly.errors import StateFormatError, StateModelMismatchError
+from anomaly.state import NO_TIMESTAMP, DeviceStateStore
+
+
+def make_store(**kw):
+    args = {"num_layers": 2, "hidden_size": 3, "n_features": 2, "model_version": "v1", "capacity": 2} | kw
+    return DeviceStateStore(**args)
+
+
+def test_slots_are_stable_and_growth_keeps_state():
+    store = make_store()
+    first = store.slots_for(np.array(["a", "b"], dtype=object))
+    store.h[:, torch.as_tensor(first)] = 7.0
+    store.steps[first] = [3, 4]
+    more = store.slots_for(np.array(["c", "d", "e", "a"], dtype=object))
+    assert store.capacity >= 5
+    assert more[-1] == first[0]
+    assert torch.all(store.h[:, torch.as_tensor(first)] == 7.0)
+    assert store.steps[first].tolist() == [3, 4]
+    assert store.last_ts[more[0]] == NO_TIMESTAMP and store.steps[more[0]] == 0
+
+
+def test_removed_slots_are_reused_zeroed():
+    store = make_store()
+    slot = store.slots_for(np.array(["a"], dtype=object))[0]
+    store.h[:, slot] = 1.0
+    store.steps[slot] = 9
+    assert store.remove(["a", "missing"]) == 1
+    assert "a" not in store
+    again = store.slots_for(np.array(["z"], dtype=object))[0]
+    assert again == slot and store.steps[slot] == 0 and float(store.h[:, slot].abs().sum()) == 0.0
+
+
+def test_evict_idle_uses_event_time():
+    store = make_store()
+    slots = store.slots_for(np.array(["old", "new"], dtype=object))
+    store.last_ts[slots] = [1_000, 50_000]
+    assert store.evict_idle(now_ms=60_000, ttl_ms=30_000) == ["old"]
+    assert store.devices() == ["new"]
+
+
+@settings(max_examples=50, deadline=None)
+@given(device=st.text(min_size=1, max_size=40), steps=st.integers(0, 2**40), ts=st.integers(-2**62, 2**62),
+       smoothed=st.floats(0, 12, width=32), in_ep=st.booleans(), run=st.integers(0, 1000),
+       seed=st.integers(0, 2**31))
+def test_snapshot_restore_round_trip(device, steps, ts, smoothed, in_ep, run, seed):
+    store = make_store()
+    slot = store.slots_for(np.array([device], dtype=object))[0]
+    gen = torch.Generator().manual_seed(seed)
+    store.h[:, slot] = torch.randn(2, 3, generator=gen)
+    store.c[:, slot] = torch.randn(2, 3, generator=gen)
+    store.last_pred[slot] = [1.5, -2.5]
+    store.last_input[slot] = [0.25, 4.0]
+    store.steps[slot], store.last_ts[slot], store.smoothed[slot] = steps, ts, smoothed
+    store.in_episode[slot], store.run_length[slot], store.episode_start[slot] = in_ep, run, ts
+    other = make_store(capacity=1)
+    assert other.restore(store.snapshot(device)) == device
+    o = other.slot_of(device)
+    assert torch.equal(other.h[:, o], store.h[:, slot]) and torch.equal(other.c[:, o], store.c[:, slot])
+    for name in ("last_ts", "steps", "smoothed", "in_episode", "run_length", "episode_start", "last_pred",
+                 "last_input"):
+        np.testing.assert_array_equal(getattr(other, name)[o], getattr(store, name)[slot])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_garbage_is_rejected_with_state_format_error(data):
+    with pytest.raises(StateFormatError):
+        make_store().restore(data)
+
+
+def test_corruption_and_mismatch_are_named():
+    store = make_store()
+    store.slots_for(np.array(["a"], dtype=object))
+    blob = bytearray(store.snapshot("a"))
+    flipped = bytes(blob[:30]) + bytes([blob[30] ^ 0xFF]) + bytes(blob[31:])
+    with pytest.raises(StateFormatError, match="checksum"):
+        make_store().restore(flipped)
+    with pytest.raises(StateFormatError, match="format version"):
+        make_store().restore(bytes(blob[:4]) + b"\x09" + bytes(blob[5:]))
+    with pytest.raises(StateModelMismatchError, match="model version 'v1'"):
+        make_store(model_version="v2").restore(bytes(blob))
+    with pytest.raises(StateModelMismatchError, match="H=3"):
+        make_store(hidden_size=4).restore(bytes(blob))
+
+
+def test_memory_per_device_is_close_to_the_tensors():
+    store = DeviceStateStore(num_layers=1, hidden_size=64, n_features=4, capacity=1000)
+    per_slot = store.nbytes() / store.capacity
+    assert 512 <= per_slot <= 600
