@@ -53,6 +53,7 @@ __all__ = [
     "FleetStream",
     "InjectedAnomaly",
     "SimulatedFleet",
+    "records_frame",
     "simulate_fleet",
 ]
 
@@ -289,7 +290,8 @@ _RECORD_COLUMNS = ["device_id", "kind", "start_ms", "end_ms", "features", "magni
                    "start_step", "end_step"]
 
 
-def _records_frame(records: Iterable[AnomalyRecord]) -> pd.DataFrame:
+def records_frame(records: Iterable[AnomalyRecord]) -> pd.DataFrame:
+    """Truth table of ``records``, columns as :attr:`SimulatedFleet.anomalies` (also when empty)."""
     rows = [r.to_dict() for r in records]
     frame = pd.DataFrame(rows, columns=_RECORD_COLUMNS)
     for col in ("start_ms", "end_ms", "start_step", "end_step"):
@@ -557,7 +559,11 @@ class FleetStream:
 
     # ---- public API ------------------------------------------------------------------------------
 
-    def _tick_into(self, out: np.ndarray) -> None:
+    def next_tick_into(self, out: np.ndarray) -> int:
+        """Like :meth:`next_tick`, writing the values into ``out`` [D, F] (float32); returns the step.
+
+        For callers that fill a preallocated block (:func:`simulate_fleet`, the Kafka simulator).
+        """
         t = self.step
         values = self._clean_step(t)
         prev = values if self._last is None else self._last
@@ -567,6 +573,7 @@ class FleetStream:
         if self._r_dev.size:
             self._prune(t)
         self.step = t + 1
+        return t
 
     def next_tick(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Generate the next reading of every device.
@@ -582,7 +589,7 @@ class FleetStream:
         """
         out = np.empty((self.spec.n_devices, len(self.spec.features)), dtype=np.float32)
         ts = np.full(self.spec.n_devices, self.spec.ts_of(self.step), dtype=np.int64)
-        self._tick_into(out)
+        self.next_tick_into(out)
         return self.device_ids, ts, out
 
     def pop_started(self) -> list[AnomalyRecord]:
@@ -601,7 +608,7 @@ class FleetStream:
     @property
     def anomalies(self) -> pd.DataFrame:
         """Truth table of the anomalies started so far; see :attr:`SimulatedFleet.anomalies`."""
-        return _records_frame(self._records)
+        return records_frame(self._records)
 
 
 @dataclass(frozen=True)
@@ -684,7 +691,7 @@ def simulate_fleet(spec: FleetSpec, n_steps: int, anomalies: Sequence[InjectedAn
     n_dev, n_feat = spec.n_devices, len(spec.features)
     block = np.empty((n_steps, n_dev, n_feat), dtype=np.float32)
     for t in range(n_steps):
-        stream._tick_into(block[t])
+        stream.next_tick_into(block[t])
     ts = spec.origin_ms + np.arange(n_steps, dtype=np.int64) * int(spec.interval_ms)
     readings = pd.DataFrame({"device_id": np.tile(stream.device_ids, n_steps), "ts": np.repeat(ts, n_dev)})
     flat = block.reshape(n_steps * n_dev, n_feat)
@@ -695,4 +702,4 @@ def simulate_fleet(spec: FleetSpec, n_steps: int, anomalies: Sequence[InjectedAn
         else AnomalyRecord(**{**r.to_dict(), "end_step": n_steps, "end_ms": spec.ts_of(n_steps)})
         for r in stream.records
     ]
-    return SimulatedFleet(spec=spec, readings=readings, anomalies=_records_frame(records))
+    return SimulatedFleet(spec=spec, readings=readings, anomalies=records_frame(records))
