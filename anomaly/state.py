@@ -303,7 +303,7 @@ class DeviceStateStore:
     def restore_snapshots(self, snaps: Sequence[DeviceSnapshot]) -> None:
         """Load decoded snapshots in one vectorised write (restoring a partition of many devices)."""
         for snap in snaps:
-            self._check_compatible(snap)
+            self.check_compatible(snap)
         if not snaps:
             return
         slots = self.slots_for(np.array([s.device_id for s in snaps], dtype=object))
@@ -319,7 +319,8 @@ class DeviceStateStore:
         self.last_pred[slots] = np.stack([s.last_pred for s in snaps])
         self.last_input[slots] = np.stack([s.last_input for s in snaps])
 
-    def _check_compatible(self, snap: DeviceSnapshot) -> None:
+    def check_compatible(self, snap: DeviceSnapshot) -> None:
+        """Raise :class:`StateModelMismatchError` unless ``snap`` fits this store (model version and shape)."""
         if snap.model_version != self.model_version:
             raise StateModelMismatchError(
                 f"snapshot of device {snap.device_id!r} is from model version {snap.model_version!r}, "

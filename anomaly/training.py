@@ -60,9 +60,12 @@ class TrainingConfig:
     seed: int = 0
     max_seconds: float | None = None
     burn_in: int = 8
+    threads: int = 1
+    """torch intra-op threads while training: the batches are small, and on a shared 2-core machine one
+    thread was 8x faster than two (spinning OpenMP workers contend with everything else)."""
 
     def __post_init__(self) -> None:
-        ints = ("hidden_size", "num_layers", "window", "piece_length", "batch_size", "epochs", "patience")
+        ints = ("hidden_size", "num_layers", "window", "piece_length", "batch_size", "epochs", "patience", "threads")
         for name in ints:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"training setting {name}={getattr(self, name)!r} must be an integer >= 1")
@@ -153,6 +156,16 @@ def fit(frame: pd.DataFrame, features: Sequence[str], time_col: str, device_col:
     """
     cfg = replace(config or TrainingConfig(), **overrides)
     det = detector or DetectorConfig()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _fit(frame, features, time_col, device_col, cfg, det, name, version, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _fit(frame: pd.DataFrame, features: Sequence[str], time_col: str, device_col: str | None, cfg: TrainingConfig,
+         det: DetectorConfig, name: str, version: str, progress: bool) -> ModelBundle:
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

@@ -13,6 +13,7 @@ __all__ = [
     "BrokerUnavailableError",
     "CodecError",
     "ConfigError",
+    "FencedError",
     "StreamsError",
 ]
 
@@ -43,4 +44,13 @@ class CodecError(StreamsError, ValueError):
 
     Raised by the ``encode_*`` helpers and by :func:`~streams.codec.decode_event`. Decoding the input
     topic never raises it: a bad input message becomes a dead letter instead.
+    """
+
+
+class FencedError(StreamsError):
+    """Another instance took over this instance's transactional identity or group generation.
+
+    The broker fenced this (zombie) instance so that it cannot produce duplicates; it stops. If
+    this happens without a deliberate restart, two instances share one transactional id: give each
+    instance its own ``transactional_id`` (by default ``<group_id>-<hostname>``).
     """
