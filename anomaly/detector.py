@@ -10,7 +10,7 @@ One call's path (B devices in the call, T the most readings of one device, F fea
     factorize device ids → sort by (device, timestamp) → drop duplicates / out-of-order readings
     → slots of the devices (new ones allocated) → pad to [B, T, F], fill missing features
     → gather (h, c) [L, B, H] from the slabs → ONE forward pass → scatter (h, c) back
-    → residual = actual - forecast → surprise → smoothed surprise → episodes → events
+    → residual = actual - forecast → surprise → smoothed surprise → decision statistic → episodes → events
 
 Cost per call: one LSTM forward pass over [B, T, F], O(N log N) numpy for grouping, and T
 vectorised steps of smoothing/episode logic; Python per device only where devices are new
@@ -34,7 +34,7 @@ from anomaly.episodes import EpisodePolicy
 from anomaly.errors import InvalidReadingError
 from anomaly.events import AnomalyEvent, ProcessResult, ReadingStatus
 from anomaly.readings import ReadingBatch
-from anomaly.scoring import score_from_surprise, smooth_surprise
+from anomaly.scoring import decision_surprise, score_from_surprise, smooth_surprise
 from anomaly.state import NO_TIMESTAMP, DeviceStateStore
 
 __all__ = ["StreamingDetector", "score_frame"]
@@ -185,7 +185,8 @@ class StreamingDetector:
         residual = raw - expected
         surprise = np.where(scored, self.bundle.scorer.surprise(residual), np.float32(0.0))
         smoothed = smooth_surprise(surprise, scored, store.smoothed[slots], cfg.smoothing_alpha)
-        episodes = self.policy.run(smoothed, scored, store.in_episode[slots], store.run_length[slots])
+        decision = decision_surprise(smoothed, surprise, cfg.point_margin)
+        episodes = self.policy.run(decision, scored, store.in_episode[slots], store.run_length[slots])
 
         last = lengths - 1
         arange_b = np.arange(b)
@@ -199,7 +200,7 @@ class StreamingDetector:
 
         is_scored = scored[group, k]
         result.status[rows[~is_scored]] = ReadingStatus.WARMUP
-        result.scores[rows] = np.where(is_scored, score_from_surprise(smoothed[group, k]), np.nan)
+        result.scores[rows] = np.where(is_scored, score_from_surprise(decision[group, k]), np.nan)
         result.raw_scores[rows] = np.where(is_scored, score_from_surprise(surprise[group, k]), np.nan)
         result.anomalous[rows] = episodes.in_episode[group, k]
         exp_units = scaler.inverse(expected[group, k])
@@ -208,10 +209,10 @@ class StreamingDetector:
 
         ev_b, ev_t = np.nonzero(episodes.started | episodes.ended)
         if len(ev_b):
-            self._emit(ev_b, ev_t, episodes.started, smoothed, residual, expected, start_pos, ts, rows, slots,
+            self._emit(ev_b, ev_t, episodes.started, decision, residual, expected, start_pos, ts, rows, slots,
                        batch, result)
 
-    def _emit(self, ev_b: np.ndarray, ev_t: np.ndarray, started: np.ndarray, smoothed: np.ndarray,
+    def _emit(self, ev_b: np.ndarray, ev_t: np.ndarray, started: np.ndarray, statistic: np.ndarray,
               residual: np.ndarray, expected: np.ndarray, start_pos: np.ndarray, ts: np.ndarray,
               rows: np.ndarray, slots: np.ndarray, batch: ReadingBatch, result: ProcessResult) -> None:
         """Build events for the few (device, step) cells where an episode started or ended."""
@@ -228,7 +229,7 @@ class StreamingDetector:
                 store.episode_start[slots[bi]] = ts[pos]
             result.events.append(AnomalyEvent(
                 device_id=str(batch.device_ids[row]), ts_ms=int(ts[pos]), kind=kind,
-                score=float(score_from_surprise(smoothed[bi, ti])), threshold=self.score_threshold,
+                score=float(score_from_surprise(statistic[bi, ti])), threshold=self.score_threshold,
                 expected=self._named(exp_units[i]), actual=self._named(batch.values[row]),
                 contributions=self._named(contributions[i]), model_name=self.bundle.name,
                 model_version=self.bundle.version, row=row,

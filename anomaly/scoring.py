@@ -9,8 +9,12 @@ scores stay meaningful beyond anything seen in calibration.
 
 Scores are worked with as *surprise* ``s = -log10(tail probability)`` (0 = typical, 3 = one in a
 thousand). Smoothing is an exponential moving average of surprise, i.e. a geometric mean of tail
-probabilities; the score users see is ``1 - 10**-smoothed`` in [0, 1]. The threshold is the
-smoothed surprise exceeded by a target fraction of normal readings (:func:`calibrate_threshold`).
+probabilities, which lets a run of moderately unusual readings add up. A single reading far beyond
+anything normal must not be averaged away, so the decision statistic is
+``max(smoothed, raw - point_margin)`` (:func:`decision_surprise`): either the smoothed surprise, or
+one reading ``10**point_margin`` times rarer still. The score users see is ``1 - 10**-statistic`` in
+[0, 1]. The threshold is the statistic exceeded by a target fraction of normal readings
+(:func:`calibrate_threshold`).
 
 What it must not do: decide episodes (``anomaly.episodes``) or touch device state.
 
@@ -29,6 +33,7 @@ __all__ = [
     "MAX_SURPRISE",
     "NormalErrorModel",
     "calibrate_threshold",
+    "decision_surprise",
     "score_from_surprise",
     "smooth_surprise",
     "surprise_from_score",
@@ -206,6 +211,15 @@ def smooth_surprise(surprise: np.ndarray, valid: np.ndarray, initial: np.ndarray
         m = np.where(valid[:, t], a * surprise[:, t] + (1 - a) * m, m)
         out[:, t] = m
     return out
+
+
+def decision_surprise(smoothed: np.ndarray, raw: np.ndarray, point_margin: float) -> np.ndarray:
+    """The statistic episodes are decided on: ``max(smoothed, raw - point_margin)``.
+
+    >>> decision_surprise(np.array([1.0, 1.0]), np.array([2.0, 9.0]), 2.0).tolist()
+    [1.0, 7.0]
+    """
+    return np.maximum(smoothed, np.asarray(raw, dtype=np.float32) - np.float32(point_margin))
 
 
 def calibrate_threshold(smoothed_normal: np.ndarray, false_alarm_rate: float) -> float:

@@ -32,7 +32,7 @@ from anomaly.bundle import DetectorConfig, ModelBundle, Scaler
 from anomaly.errors import DataError, TrainingError
 from anomaly.model import LSTMForecaster
 from anomaly.readings import ReadingBatch
-from anomaly.scoring import NormalErrorModel, calibrate_threshold, smooth_surprise
+from anomaly.scoring import NormalErrorModel, calibrate_threshold, decision_surprise, smooth_surprise
 
 __all__ = ["TrainingConfig", "fit", "prepare_series"]
 
@@ -277,4 +277,5 @@ def _calibrate(model: LSTMForecaster, series: list[np.ndarray], splits: list[int
         surprise[i, :len(r)] = scorer.surprise(r)
         valid[i, :len(r)] = True
     smoothed = smooth_surprise(surprise, valid, np.zeros(len(residuals), np.float32), det.smoothing_alpha)
-    return scorer, calibrate_threshold(smoothed[valid], det.false_alarm_rate)
+    decision = decision_surprise(smoothed, surprise, det.point_margin)
+    return scorer, calibrate_threshold(decision[valid], det.false_alarm_rate)

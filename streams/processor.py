@@ -232,8 +232,11 @@ class StreamProcessor:
         """One poll, one batch, maybe one commit."""
         assert self.consumer is not None
         polled = self.consumer.poll(timeout_ms=self.config.poll_timeout_ms, max_records=self.config.max_poll_records)
-        self._apply_rebalance_events(polled)
-        records = [r for tp, rs in polled.items() if tp.partition in self._ready for r in rs]
+        ready_before = set(self._ready)
+        self._apply_rebalance_events()
+        # records of a partition restored in this step were fetched before its seek: they come again
+        ready = self._ready & ready_before
+        records = [r for tp, rs in polled.items() if tp.partition in ready for r in rs]
         if records:
             self.process_records(records)
         now = time.monotonic()
@@ -421,7 +424,7 @@ class StreamProcessor:
         self._restore(partitions)
 
     # ------------------------------------------------------------- rebalance
-    def _apply_rebalance_events(self, polled: dict[TopicPartition, list[Any]]) -> None:
+    def _apply_rebalance_events(self) -> None:
         while True:
             try:
                 kind, tps = self._events.get_nowait()
@@ -472,11 +475,14 @@ class StreamProcessor:
             for d in devices:
                 self._device_partition[d] = p
         committed = {tp: self.consumer.committed(tp) for tp in tps}
+        # an explicit offset, not seek_to_beginning(): a pending reset racing with the automatic one of
+        # the assignment was seen to move the position back to 0 after records had been processed
+        beginnings = self.consumer.beginning_offsets([tp for tp, o in committed.items() if o is None])
         for tp, offset in committed.items():
-            if offset is None:
-                self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, offset)
+            position = beginnings[tp] if offset is None else offset
+            self.consumer.seek(tp, position)
+            logger.info("%s[%d]: %d devices restored, resuming at offset %d", tp.topic, tp.partition,
+                        len(report.devices.get(tp.partition, [])), position)
         self._ready |= parts
         self.consumer.resume(*tps)
         self.metrics.set_restoring_partitions(0)
