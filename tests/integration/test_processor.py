@@ -199,5 +199,6 @@ def test_sigterm_commits_what_was_produced_and_a_restart_continues_without_gaps(
     rows = scores_of(consume_all(kafka_bootstrap, f"{topic}.scores"))
     keys = Counter((row["partition"], row["offset"]) for row in rows)
     dups = sorted(k for k, n in keys.items() if n > 1)
-    assert len(keys) == sent and not dups, f"gaps or duplicates across the restart: {len(dups)} dups {dups[:3]}..{dups[-3:]}\n{first_out}\n{out}"
+    assert len(keys) == sent and not dups, (
+        f"gaps or duplicates across the restart: {len(dups)} dups {dups[:3]}..{dups[-3:]}\n{first_out}\n{out}")
     assert orjson.dumps(rows[0])  # rows are plain JSON values
