@@ -20,7 +20,8 @@ from anomaly.datasets import (
 )
 from anomaly.errors import DataError
 
-DATA = Path(os.environ.get("SENSOR_ANOMALY_DATA", "/work/shared/data"))
+# the benchmark data sits beside the checkout (../shared/data), in CI too
+DATA = Path(os.environ.get("SENSOR_ANOMALY_DATA", Path(__file__).resolve().parents[3].parent / "shared" / "data"))
 
 
 # ---------------------------------------------------------------------------------- read_table

@@ -27,7 +27,8 @@ from anomaly.evaluate import (
     skab_binary_metrics,
 )
 
-DATA = Path(os.environ.get("SENSOR_ANOMALY_DATA", "/work/shared/data"))
+# the benchmark data sits beside the checkout (../shared/data), in CI too
+DATA = Path(os.environ.get("SENSOR_ANOMALY_DATA", Path(__file__).resolve().parents[3].parent / "shared" / "data"))
 STD = NAB_PROFILES["standard"]
 TS = pd.date_range("2024-01-01", periods=100, freq="5min")
 WINDOW = {"a.csv": [(TS[50], TS[59])]}
