@@ -25,7 +25,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as deserialize_tensors
+from safetensors.torch import save as serialize_tensors
 
 from anomaly.errors import BundleError
 from anomaly.model import LSTMForecaster
@@ -54,6 +55,7 @@ class Scaler:
 
     @classmethod
     def fit(cls, values: np.ndarray) -> Scaler:
+        values = np.asarray(values, dtype=np.float64)  # float32 squares overflow beyond ~1e19
         mean = np.nanmean(values, axis=0)
         std = np.nanstd(values, axis=0)
         # a constant feature keeps unit scale: any change from the constant is then visible
@@ -193,19 +195,38 @@ class ModelBundle:
         }
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write the bundle into ``directory`` (created if needed); files are replaced atomically."""
+        """Write the bundle into ``directory`` (created if needed).
+
+        Everything is serialised before the directory is touched, so a bundle that cannot be written
+        (say, a non-finite number in the scorer) raises :class:`BundleError` and leaves an existing
+        bundle there intact. Each file is replaced atomically (weights first, metadata last); a crash
+        between the two leaves metadata whose ``weights_sha256`` no longer matches, which
+        :meth:`load` reports instead of loading a mixed bundle. Non-finite numbers in the free-form
+        ``training`` summary are written as ``null`` (JSON has no infinity).
+        """
         out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().clone() for k, v in self.model.state_dict().items()}
-        with tempfile.NamedTemporaryFile(dir=out, suffix=".tmp", delete=False) as tmp:
-            tmp_weights = Path(tmp.name)
-        save_file(tensors, str(tmp_weights))
+        weights = serialize_tensors(tensors)
         meta = self.metadata()
-        meta["weights_sha256"] = hashlib.sha256(tmp_weights.read_bytes()).hexdigest()
-        os.replace(tmp_weights, out / WEIGHTS_FILE)
-        tmp_meta = out / (METADATA_FILE + ".tmp")
-        tmp_meta.write_text(json.dumps(meta, indent=2, allow_nan=False))
-        os.replace(tmp_meta, out / METADATA_FILE)
+        meta["training"] = _finite_or_none(meta["training"], "training")
+        meta["weights_sha256"] = hashlib.sha256(weights).hexdigest()
+        bad = _first_non_finite(meta)
+        if bad is not None:
+            raise BundleError(f"cannot save model bundle {self.name!r}: {bad} is not a finite number")
+        text = json.dumps(meta, indent=2, allow_nan=False)
+        out.mkdir(parents=True, exist_ok=True)
+        temporaries: list[Path] = []
+        try:
+            for data, final in ((weights, out / WEIGHTS_FILE), (text.encode(), out / METADATA_FILE)):
+                with tempfile.NamedTemporaryFile(dir=out, prefix=f".{final.name}.", suffix=".tmp",
+                                                 delete=False) as tmp:
+                    temporaries.append(Path(tmp.name))
+                    tmp.write(data)
+            for tmp, final in zip(temporaries, (out / WEIGHTS_FILE, out / METADATA_FILE), strict=True):
+                os.replace(tmp, final)
+        finally:
+            for tmp in temporaries:
+                tmp.unlink(missing_ok=True)
         logger.info("saved model bundle %s version %s to %s", self.name, self.version, out)
         return out
 
@@ -227,7 +248,7 @@ class ModelBundle:
         if not isinstance(meta, dict):
             raise BundleError(f"{meta_path}: expected a JSON object")
         version = meta.get("format_version")
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version != FORMAT_VERSION:  # JSON true would equal 1
             raise BundleError(f"{meta_path}: unsupported format_version {version!r} (supported: {FORMAT_VERSION})")
         raw = weights_path.read_bytes()
         digest = hashlib.sha256(raw).hexdigest()
@@ -235,14 +256,14 @@ class ModelBundle:
             raise BundleError(f"{weights_path}: SHA-256 {digest[:12]}… does not match bundle.json "
                               f"(weights_sha256 {str(meta.get('weights_sha256'))[:12]}…): corrupt or replaced")
         try:
-            return cls._from_parts(meta, root)
+            return cls._from_parts(meta, root, raw)
         except BundleError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{meta_path}: invalid field: {exc}") from exc
 
     @classmethod
-    def _from_parts(cls, meta: dict[str, Any], root: Path) -> ModelBundle:
+    def _from_parts(cls, meta: dict[str, Any], root: Path, raw: bytes) -> ModelBundle:
         features = meta["features"]
         if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
             raise BundleError(f"{root / METADATA_FILE}: 'features' must be a list of strings")
@@ -262,7 +283,7 @@ class ModelBundle:
         config = DetectorConfig(**meta["detector"])
         model = LSTMForecaster(n, hidden_size=hidden, num_layers=layers)
         try:
-            tensors = load_file(str(root / WEIGHTS_FILE))
+            tensors = deserialize_tensors(raw)  # the bytes whose digest was checked, not a second read
         except (SafetensorError, OSError, ValueError) as exc:
             raise BundleError(f"{root / WEIGHTS_FILE}: cannot read safetensors ({exc})") from exc
         expected = model.state_dict()
@@ -279,3 +300,32 @@ class ModelBundle:
         return cls(name=str(meta["name"]), version=str(meta["version"]), features=tuple(features),
                    scaler=Scaler(mean, scale), model=model, scorer=scorer, config=config,
                    training=dict(meta.get("training") or {}), created_at=str(meta.get("created_at", "")))
+
+
+def _first_non_finite(node: object, path: str = "") -> str | None:
+    """Dotted path of the first non-finite float in a JSON-like tree, or ``None``."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return f"{path or 'value'} ({node})"
+    if isinstance(node, dict):
+        items: Sequence[tuple[object, object]] = list(node.items())
+    elif isinstance(node, (list, tuple)):
+        items = list(enumerate(node))
+    else:
+        return None
+    for key, child in items:
+        found = _first_non_finite(child, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def _finite_or_none(node: Any, path: str) -> Any:
+    """``node`` with non-finite floats replaced by ``None`` (logged): the training summary is informative only."""
+    if isinstance(node, float) and not math.isfinite(node):
+        logger.warning("training summary field %s is %s; saved as null", path, node)
+        return None
+    if isinstance(node, dict):
+        return {k: _finite_or_none(v, f"{path}.{k}") for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_finite_or_none(v, f"{path}.{i}") for i, v in enumerate(node)]
+    return node

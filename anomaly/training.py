@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -85,14 +85,21 @@ def prepare_series(frame: pd.DataFrame, features: Sequence[str], time_col: str,
     a device; rows with every feature missing are dropped. Raises :class:`DataError` naming the
     column for missing or non-numeric columns and for an empty table.
     """
+    if isinstance(features, str):
+        raise DataError(f"features must be a list of column names, got the string {features!r}")
     if len(features) == 0:
         raise DataError("no features given")
-    if frame.empty:
+    repeated = sorted({f for f in features if list(features).count(f) > 1})
+    if repeated:
+        raise DataError(f"feature(s) {repeated} listed more than once")
+    if len(frame) == 0:
         raise DataError("the table has no rows")
     batch = ReadingBatch.from_frame(frame, features, time_col=time_col, device_col=device_col)
     table = pd.DataFrame(batch.values, columns=list(features))
     table["_device"], table["_ts"] = batch.device_ids, batch.timestamps_ms
     table = table.dropna(subset=list(features), how="all")
+    if table.empty:
+        raise DataError(f"every row has all features {list(features)} missing")
     table = table.sort_values(["_device", "_ts"], kind="stable").drop_duplicates(["_device", "_ts"])
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for device, part in table.groupby("_device", sort=True):
@@ -154,6 +161,9 @@ def fit(frame: pd.DataFrame, features: Sequence[str], time_col: str, device_col:
     >>> bundle.features, bundle.config.nominal_interval_ms
     (('x',), 1000)
     """
+    unknown = sorted(set(overrides) - {f.name for f in fields(TrainingConfig)})
+    if unknown:
+        raise ValueError(f"unknown training setting(s) {unknown}; known: {[f.name for f in fields(TrainingConfig)]}")
     cfg = replace(config or TrainingConfig(), **overrides)
     det = detector or DetectorConfig()
     previous_threads = torch.get_num_threads()
@@ -175,9 +185,13 @@ def _fit(frame: pd.DataFrame, features: Sequence[str], time_col: str, device_col
     min_rows = max(2 * det.warmup_steps + 20, 4 * cfg.window)
     splits = {d: round(len(v) * (1 - cfg.val_fraction)) for d, (_, v) in series.items()}
     usable = [d for d in devices if splits[d] >= 2 and len(series[d][1]) - splits[d] >= 2]
-    if n_rows < min_rows or not usable:
-        raise TrainingError(f"too little data: {n_rows} usable rows over {len(devices)} device(s); need at least "
-                            f"{min_rows} rows (window={cfg.window}, warmup_steps={det.warmup_steps})")
+    n_usable = sum(len(series[d][1]) for d in usable)
+    if n_usable < min_rows:
+        short = len(devices) - len(usable)
+        raise TrainingError(
+            f"too little data: {n_usable} rows in devices long enough to split by time, need at least {min_rows} "
+            f"(window={cfg.window}, warmup_steps={det.warmup_steps}); {len(devices)} device(s), {n_rows} rows"
+            + (f", {short} device(s) too short for val_fraction={cfg.val_fraction}" if short else ""))
     train_raw = np.concatenate([series[d][1][:splits[d]] for d in usable])
     scaler = Scaler.fit(train_raw)
     scaled = {d: scaler.transform(series[d][1]) for d in usable}
