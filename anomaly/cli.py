@@ -15,8 +15,9 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
-import numpy as np
+import pandas as pd
 
 from anomaly.errors import AnomalyError
 
@@ -30,6 +31,21 @@ PROG = "sensor-anomaly"
 
 class UsageError(Exception):
     """A command was given arguments that cannot work together (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are ONE line on stderr (argparse prints the usage block first).
+
+    Subcommand parsers inherit the class (``add_subparsers`` uses the parent's type), so every
+    command's flag errors look alike: ``sensor-anomaly train: error: ... (see --help)``.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
 
 
 def _csv_list(text: str) -> list[str]:
@@ -59,6 +75,20 @@ def _probability(text: str) -> float:
     return value
 
 
+def _looks_numeric(column: pd.Series) -> bool:
+    """A default feature: a numeric column, or a text column whose cells are mostly numbers.
+
+    The second case keeps a column with a few typos among the features, so training stops at the
+    bad cell with a message naming it instead of silently leaving the column out.
+    """
+    if pd.api.types.is_bool_dtype(column.dtype):
+        return False
+    if pd.api.types.is_numeric_dtype(column.dtype):
+        return True
+    present = column.dropna()
+    return len(present) > 0 and float(pd.to_numeric(present, errors="coerce").notna().mean()) >= 0.9
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from anomaly.datasets import read_table
     from anomaly.training import fit
@@ -68,8 +98,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--time-col {args.time_col!r} is not a column of {args.data} "
                          f"(columns: {list(frame.columns)})")
     features = args.features or [c for c in frame.columns
-                                 if c not in (args.time_col, args.device_col)
-                                 and np.issubdtype(frame[c].dtype, np.number)]
+                                 if c not in (args.time_col, args.device_col) and _looks_numeric(frame[c])]
     if not features:
         raise UsageError(f"no numeric feature columns in {args.data}; pass --features")
     overrides = {k: v for k, v in {"epochs": args.epochs, "hidden_size": args.hidden_size,
@@ -112,7 +141,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:  # type: ignore[type-arg]
     """The parser with the core's commands; callers may add more subcommands."""
-    parser = argparse.ArgumentParser(prog=PROG, description="Streaming LSTM anomaly detection for sensor fleets.")
+    parser = _Parser(prog=PROG, description="Streaming LSTM anomaly detection for sensor fleets.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -155,15 +184,21 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
     args = parser.parse_args(argv)
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # library warnings (pandas dtype guesses, numpy casts) would add lines to stderr; they are logged
+    # instead, and shown with -v
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.WARNING if args.verbose else logging.ERROR)
     try:
         return int(args.func(args))
     except (AnomalyError, UsageError, ValueError, OSError) as exc:
         logger.debug("command failed", exc_info=True)
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        logging.captureWarnings(False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
