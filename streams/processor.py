@@ -1,36 +1,53 @@
 """The stream processor: poll → decode → detect → produce → commit, in one batched loop.
 
 Why it exists: it is the service. It owns the Kafka clients and the order in which results
-become durable; the detector (``anomaly``) owns the maths and knows nothing of Kafka.
+become durable; the detector (``anomaly``) owns the maths and knows nothing of Kafka. What it must
+not do: score anything itself, block kafka-python's IO thread, or let an error lose uncommitted
+work silently (every failure ends in "forget what is not committed, re-read it from Kafka").
 
 One loop iteration (:meth:`StreamProcessor.step`)::
 
+    (re)create the producer if a failure dropped it (exactly-once: init_transactions, which
+        aborts this transactional id's open transaction)
     poll up to max_poll_records records
-    apply rebalance events queued by the listener (revoked: drop those devices' state;
-        assigned: pause, restore the partition's devices from the changelog, seek to the
-        committed offset, resume) — records of partitions not ready are dropped and re-read
+    apply rebalance events queued by the listener: revoked partitions lose their state (open
+        work is discarded first: it can no longer commit); new partitions are paused
+    restore paused partitions: committed offsets (read_committed: stable, KIP-447), changelog
+        read to its end and to the commit marker of that offset, seek, resume — records of a
+        partition restored in this step were fetched before its seek and are dropped
     decode every record (bad ones become dead letters) → ONE StreamingDetector.process call
     send anomaly events, dead letters (and, if configured, the score stream)
     every commit_interval_s: commit (below)
 
 Commit order (:meth:`StreamProcessor.commit`), which is what "nothing lost" rests on:
 
-* at-least-once: (1) flush events and dead letters, (2) send the snapshots of devices touched
-  since the last commit to the changelog and flush, (3) commit offsets. If any send failed, the
-  processor rewinds instead: drops its state, restores it from the changelog and seeks back to
-  the committed offsets, so the readings are processed again. A snapshot is only written after
-  the events of its readings are durable; a replay of readings that its device's state has
-  already seen is dropped as duplicates (timestamps not newer), so a crash between (2) and (3)
-  neither loses events nor corrupts state. A crash between (1) and (2) replays the batch against
-  the older state and produces its events again: the only duplicates.
-* exactly-once: everything since the last commit — events, dead letters, changelog snapshots
-  and the consumer offsets (``send_offsets_to_transaction`` with the group metadata) — is one
-  Kafka transaction. On any failure the transaction is aborted and the processor rewinds as
-  above. A zombie instance is fenced by the broker (same transactional id, or an older group
-  generation) and stops.
+* at-least-once: (1) flush events and dead letters and check every send, (2) send the snapshots
+  of devices touched since the last commit and one commit marker per partition to the changelog,
+  flush and check, (3) commit offsets. A crash between (2) and (3) leaves state ahead of the
+  offsets: the replayed readings are older than their device's state and are dropped as
+  duplicates, and their events were already durable in (1). A crash before (2) replays the
+  window against the older state and produces its events again: the only duplicates.
+* exactly-once: everything since the last commit — events, dead letters, scores, changelog
+  snapshots, markers and the consumer offsets (``send_offsets_to_transaction`` with
+  ``consumer.group_metadata()``, so the broker also fences a consumer of an old generation,
+  KIP-447) — is one Kafka transaction. The producer is flushed and every send checked *before*
+  the offsets are added and the transaction committed: kafka-python 3.0 commits a transaction
+  even when one of its batches expired, so committing blindly could lose events.
 
-Rebalance callbacks run on kafka-python's IO thread, which must not block (heartbeats and
-commits go through it), so the listener only queues the event; restores run on this thread.
+On any failure (send, flush, commit, restore, broker gone) the processor discards the work since
+its last commit: exactly-once aborts the transaction (or, if the broker is unreachable or the
+producer is in a fatal state, drops the producer; the next one's ``init_transactions`` aborts it
+on the broker), the affected partitions lose their in-memory state and are restored from the
+changelog and re-read from their committed offsets. :meth:`run` retries with exponential backoff
+(up to ``reconnect_backoff_max_s``), marking progress so that a broker outage is not reported as a
+hung process. Only fencing stops the loop: ``ProducerFencedError`` means another instance now owns
+this transactional id (:class:`~streams.errors.FencedError`).
+
+Rebalance callbacks run on kafka-python's IO thread, which must not block (heartbeats and commits
+go through it), so the listener only queues the event; restores run on the processing thread.
+Under the (default, eager) protocol every rebalance revokes all partitions; one that comes back
+keeps its in-memory state when nothing was left uncommitted and its committed offset is still
+the one this instance committed last, so a rebalance does not force a full restore.
 """
 
 from __future__ import annotations
@@ -53,18 +70,20 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import (
     CommitFailedError,
+    IllegalGenerationError,
     KafkaError,
-    KafkaTimeoutError,
     ProducerFencedError,
+    RebalanceInProgressError,
+    UnknownMemberIdError,
 )
 
 from anomaly.bundle import ModelBundle
 from anomaly.detector import StreamingDetector
 from anomaly.events import ProcessResult, ReadingStatus
-from streams.changelog import encode_value, restore_partitions
+from streams.changelog import MARKER_KEY, encode_marker, encode_value, restore_partitions
 from streams.codec import DecodedBatch, dead_letter_headers, decode_records, encode_event
 from streams.config import ServiceConfig
-from streams.errors import BrokerUnavailableError, FencedError
+from streams.errors import BrokerUnavailableError, ConfigError, FencedError
 from streams.kafka_admin import TopicSpec, admin_client, ensure_topics, partition_counts, wait_for_broker
 from streams.metrics import ServiceMetrics
 
@@ -74,6 +93,33 @@ logger = logging.getLogger(__name__)
 
 LAG_INTERVAL_S = 5.0
 EVICTION_INTERVAL_S = 60.0
+SESSION_TIMEOUT_MS = 10_000
+"""A SIGKILLed instance's partitions move to the others after this. kafka-python 3 heartbeats from
+its IO thread, so long batches and restores do not need a longer one (its default is 45 s)."""
+HEARTBEAT_INTERVAL_MS = 3_000
+TRANSACTION_TIMEOUT_MS = 60_000
+"""The broker aborts (and fences) a transaction open this long. It must exceed commit_interval_s
+plus the longest broker outage to ride out in the middle of a commit; a hanging transaction of a
+crashed instance that is not restarted with the same id blocks read_committed readers this long."""
+MAX_BLOCK_MS = 15_000
+"""send() (metadata, buffer) and init_transactions() give up after this; the loop then backs off and retries."""
+FLUSH_TIMEOUT_S = 30.0
+COMMITTED_TIMEOUT_MS = 30_000
+"""Fetching committed offsets (read_committed waits while a transaction's offsets are pending)."""
+RESTORE_TIMEOUT_S = 300.0
+"""A restore that has not read its partitions to their end by then fails (and is retried)."""
+MARKER_WAIT_S = TRANSACTION_TIMEOUT_MS / 1000 + 10
+"""Exactly-once: how long a restore waits for the commit marker of the committed offset. A crashed
+instance's open transaction holds read_committed readers back until the broker aborts it (after the
+transaction timeout) unless the instance comes back with its transactional id first."""
+BACKOFF_INITIAL_S = 0.5
+
+_GENERATION_ERRORS = (CommitFailedError, IllegalGenerationError, UnknownMemberIdError, RebalanceInProgressError)
+_RECOVERABLE = (KafkaError, TimeoutError, OSError, BrokerUnavailableError)
+
+
+class SendFailedError(KafkaError):
+    """A record of the current commit window could not be produced (the window is redone)."""
 
 
 @dataclass
@@ -88,6 +134,12 @@ class ProcessorStats:
     commits: int = 0
     rewinds: int = 0
     restored_devices: int = 0
+    restores: int = 0
+    discarded_snapshots: Counter[str] = field(default_factory=Counter)
+    kept_partitions: int = 0
+    """Partitions that came back in a rebalance and kept their in-memory state (no restore)."""
+    recoveries: int = 0
+    """Failures the loop recovered from (backoff, discard, restore)."""
 
 
 class _QueueingListener(ConsumerRebalanceListener):
@@ -113,7 +165,7 @@ class StreamProcessor:
     ----------
     config : ServiceConfig
     bundle : ModelBundle
-        The live model (hot reload swaps it between batches, see :meth:`swap_model`).
+        The live model.
     metrics : ServiceMetrics
     """
 
@@ -124,8 +176,15 @@ class StreamProcessor:
         self.stats = ProcessorStats()
         self.consumer: KafkaConsumer | None = None
         self.producer: KafkaProducer | None = None
+        self._producer_ok = False
+        self._restore_client: KafkaConsumer | None = None
         self._events: SimpleQueue[tuple[str, set[TopicPartition]]] = SimpleQueue()
         self._ready: set[int] = set()  # input partitions restored and being processed
+        self._to_restore: set[int] = set()  # assigned, paused, waiting for their restore
+        self._kept: set[int] = set()  # back after a rebalance; state kept if nobody committed meanwhile
+        self._fresh: set[int] = set()  # restored or dropped in this step: their polled records predate the seek
+        self._committed: dict[int, int | None] = {}  # last committed offset known per partition
+        self._position: dict[int, int] = {}  # next offset to process per ready partition
         self._device_partition: dict[str, int] = {}
         self._dirty: dict[str, int] = {}  # devices touched since the last commit → partition
         self._tombstones: dict[str, int] = {}
@@ -137,9 +196,18 @@ class StreamProcessor:
         self._last_evict = time.monotonic()
         self._max_event_ts = 0
         self._joined = False
+        self._failures = 0
         self._n_partitions = 0
         self._stop = threading.Event()
         self.metrics.set_model(bundle.name, bundle.version, len(bundle.features), 0.0)
+
+    @property
+    def transactional_id(self) -> str | None:
+        """Exactly-once: the producer's transactional id (``<group_id>-<hostname>`` unless configured)."""
+        cfg = self.config
+        if not cfg.exactly_once:
+            return None
+        return cfg.transactional_id or f"{cfg.group_id}-{socket.gethostname()}"
 
     # ----------------------------------------------------------------- setup
     def _client_config(self) -> dict[str, Any]:
@@ -159,26 +227,43 @@ class StreamProcessor:
             self._n_partitions = self._ensure_topics(admin)
         finally:
             admin.close()
-        common = self._client_config()
+        self._make_producer()
         self.consumer = KafkaConsumer(
             group_id=cfg.group_id, enable_auto_commit=False, auto_offset_reset="earliest",
             max_poll_records=cfg.max_poll_records, max_partition_fetch_bytes=4 * 1024 * 1024,
-            fetch_max_bytes=64 * 1024 * 1024,
-            isolation_level="read_committed" if cfg.exactly_once else "read_uncommitted", **common)
+            fetch_max_bytes=64 * 1024 * 1024, session_timeout_ms=SESSION_TIMEOUT_MS,
+            heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
+            isolation_level="read_committed" if cfg.exactly_once else "read_uncommitted", **self._client_config())
+        self.consumer.subscribe([cfg.input_topic], listener=_QueueingListener(self._events))
+        logger.info("connected to %s: group %s on %s[%d], %s%s", cfg.bootstrap_servers, cfg.group_id, cfg.input_topic,
+                    self._n_partitions, cfg.processing_guarantee,
+                    f", transactional id {self.transactional_id}" if cfg.exactly_once else "")
+
+    def _make_producer(self) -> None:
+        """Open the producer; exactly-once: ``init_transactions`` (fences and aborts this id's older epoch)."""
+        cfg = self.config
         producer_cfg: dict[str, Any] = {"acks": "all", "linger_ms": 5, "batch_size": 256 * 1024,
                                         "max_request_size": max(cfg.max_message_bytes * 2, 2 * 1024 * 1024),
-                                        "enable_idempotence": True, **common}
+                                        "enable_idempotence": True, "max_block_ms": MAX_BLOCK_MS,
+                                        **self._client_config()}
         if cfg.exactly_once:
-            producer_cfg["transactional_id"] = cfg.transactional_id or f"{cfg.group_id}-{socket.gethostname()}"
-        self.producer = KafkaProducer(**producer_cfg)
+            producer_cfg["transactional_id"] = self.transactional_id
+            producer_cfg["transaction_timeout_ms"] = TRANSACTION_TIMEOUT_MS
+        producer = KafkaProducer(**producer_cfg)
         if cfg.exactly_once:
             try:
-                self.producer.init_transactions()
+                producer.init_transactions()
             except ProducerFencedError as exc:
-                raise FencedError(f"transactional id {producer_cfg['transactional_id']!r} is fenced: {exc}") from exc
-        self.consumer.subscribe([cfg.input_topic], listener=_QueueingListener(self._events))
-        logger.info("connected to %s: group %s on %s[%d], %s", cfg.bootstrap_servers, cfg.group_id, cfg.input_topic,
-                    self._n_partitions, cfg.processing_guarantee)
+                _close_quietly(producer)
+                raise FencedError(f"transactional id {self.transactional_id!r} is fenced: {exc}") from exc
+            except BaseException:
+                _close_quietly(producer)
+                raise
+        old, self.producer = self.producer, producer
+        if old is not None:
+            _close_quietly(old)
+        self._producer_ok = True
+        self._in_transaction = False
 
     def _ensure_topics(self, admin: Any) -> int:
         cfg = self.config
@@ -202,8 +287,6 @@ class StreamProcessor:
             ensure_topics(admin, specs)
         have = partition_counts(admin, [cfg.changelog_topic])
         if have.get(cfg.changelog_topic, n) != n:
-            from streams.errors import ConfigError
-
             raise ConfigError(
                 f"changelog topic {cfg.changelog_topic} has {have[cfg.changelog_topic]} partitions but the input topic "
                 f"{cfg.input_topic} has {n}: they must be co-partitioned. Delete the changelog topic (state is "
@@ -216,27 +299,39 @@ class StreamProcessor:
         self._stop.set()
 
     def run(self, max_seconds: float | None = None) -> ProcessorStats:
-        """Run until :meth:`stop` (or ``max_seconds``); always commits and closes on the way out."""
+        """Run until :meth:`stop` (or ``max_seconds``), recovering from failures; commit and close on the way out.
+
+        Raises :class:`~streams.errors.FencedError` when another instance took over this one's
+        transactional id (the open transaction is aborted by the broker; nothing is duplicated).
+        """
         if self.consumer is None:
             self.connect()
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         try:
             while not self._stop.is_set() and (deadline is None or time.monotonic() < deadline):
-                self.step()
+                try:
+                    self.step()
+                    self._failures = 0
+                except FencedError:
+                    raise
+                except _RECOVERABLE as exc:
+                    self._recover(exc)
             self.commit(final=True)
         finally:
             self.close()
         return self.stats
 
     def step(self) -> None:
-        """One poll, one batch, maybe one commit."""
+        """One poll, one batch, maybe one commit. Raises Kafka errors; :meth:`run` recovers from them."""
         assert self.consumer is not None
+        if not self._producer_ok:
+            self._make_producer()
+        self._fresh = set()
         polled = self.consumer.poll(timeout_ms=self.config.poll_timeout_ms, max_records=self.config.max_poll_records)
-        ready_before = set(self._ready)
         self._apply_rebalance_events()
-        # records of a partition restored in this step were fetched before its seek: they come again
-        ready = self._ready & ready_before
-        records = [r for tp, rs in polled.items() if tp.partition in ready for r in rs]
+        if self._to_restore:
+            self._restore_pending()
+        records = self._accepted(polled)
         if records:
             self.process_records(records)
         now = time.monotonic()
@@ -247,6 +342,20 @@ class StreamProcessor:
         if now - self._last_evict >= EVICTION_INTERVAL_S:
             self._evict_idle()
         self.metrics.mark_progress()
+
+    def _accepted(self, polled: dict[TopicPartition, list[Any]]) -> list[Any]:
+        """Records of ready partitions, at or after the partition's expected position (never one twice)."""
+        topic = self.config.input_topic
+        out: list[Any] = []
+        for tp, records in polled.items():
+            p = tp.partition
+            if tp.topic != topic or p not in self._ready or p in self._fresh or not records:
+                continue
+            expected = self._position.get(p, 0)
+            if records[0].offset < expected:  # a fetch from before a seek: skip what was already processed
+                records = [r for r in records if r.offset >= expected]
+            out.extend(records)
+        return out
 
     def process_records(self, records: Sequence[Any]) -> ProcessResult:
         """Decode, score and produce the results of one poll's records (offsets are committed later)."""
@@ -272,8 +381,11 @@ class StreamProcessor:
         if cfg.extra.get("scores_topic"):
             self._send_scores(str(cfg.extra["scores_topic"]), decoded, result)
         for record in records:
-            if record.offset + 1 > self._offsets.get(record.partition, -1):
-                self._offsets[record.partition] = record.offset + 1
+            nxt = record.offset + 1
+            if nxt > self._offsets.get(record.partition, -1):
+                self._offsets[record.partition] = nxt
+            if nxt > self._position.get(record.partition, -1):
+                self._position[record.partition] = nxt
         self._track_devices(decoded, result)
         self._observe(decoded, result, time.perf_counter() - started)
         return result
@@ -329,49 +441,44 @@ class StreamProcessor:
         self.metrics.set_open_episodes(int(self.detector.store.in_episode.sum()))
 
     # ---------------------------------------------------------------- commit
+    def _has_uncommitted(self) -> bool:
+        return bool(self._offsets or self._dirty or self._tombstones or self._in_transaction)
+
     def commit(self, final: bool = False) -> bool:
         """Make everything since the last commit durable, then commit offsets (see the module docstring).
 
-        Returns False when the work was not committed (it will be reprocessed).
+        Returns False when the work was not committed: it is discarded and will be processed again
+        (by this instance after a restore, or by the partition's next owner). Raises
+        :class:`~streams.errors.FencedError` if this instance was fenced.
         """
         self._last_commit = time.monotonic()
-        if not self._offsets and not self._dirty and not self._tombstones and not self._in_transaction:
+        if not self._has_uncommitted():
             return True
         assert self.producer is not None and self.consumer is not None
-        cfg = self.config
+        if not self._producer_ok:  # a failure dropped the producer: nothing of this window can commit
+            self._discard_uncommitted(None, "the producer is being recreated")
+            return False
         try:
-            if not cfg.exactly_once:
-                self.producer.flush(timeout=60)
-                if self._failed():
-                    raise KafkaTimeoutError("an event or dead letter could not be produced")
-            written = self._send_changelog()
-            if cfg.exactly_once:
-                offsets = {TopicPartition(cfg.input_topic, p): _offset(o) for p, o in self._offsets.items()}
-                if offsets:
-                    self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
-                self.producer.commit_transaction()
-                self._in_transaction = False
-                if self._failed():
-                    raise KafkaTimeoutError("a record of the committed transaction failed")
-            else:
-                self.producer.flush(timeout=60)
-                if self._failed():
-                    raise KafkaTimeoutError("a changelog record could not be produced")
-                if self._offsets:
-                    self.consumer.commit({TopicPartition(cfg.input_topic, p): _offset(o)
-                                          for p, o in self._offsets.items()})
-        except ProducerFencedError as exc:
+            written = self._commit_exactly_once() if self.config.exactly_once else self._commit_at_least_once()
+        except FencedError:
             self._stop.set()
-            raise FencedError(f"this instance was fenced by another with the same transactional id: {exc}") from exc
-        except (CommitFailedError, KafkaError) as exc:
-            if isinstance(exc, KafkaError) and "fenc" in type(exc).__name__.lower():
+            raise
+        except _RECOVERABLE as exc:
+            if self._fenced(exc):
                 self._stop.set()
-                raise FencedError(f"this instance was fenced: {exc}") from exc
-            logger.warning("commit failed (%s: %s); rewinding to the last committed offsets", type(exc).__name__, exc)
-            self._rewind()
+                raise FencedError(f"this instance was fenced: another one uses transactional id "
+                                  f"{self.transactional_id!r} ({exc})") from exc
+            if final:
+                logger.warning("final commit failed (%s: %s); the uncommitted work will be processed again by the "
+                               "partitions' next owner", type(exc).__name__, exc)
+                self._abandon_transaction(exc)
+                return False
+            self._discard_uncommitted(exc, "commit failed")
             return False
         self.metrics.add_changelog_bytes(written)
         self.stats.commits += 1
+        for p, offset in self._offsets.items():
+            self._committed[p] = offset
         self._offsets.clear()
         self._dirty.clear()
         self._tombstones.clear()
@@ -380,13 +487,42 @@ class StreamProcessor:
             logger.info("final commit done")
         return True
 
-    def _failed(self) -> bool:
-        failed = [f for f in self._futures if f.is_done and f.failed()]
+    def _commit_at_least_once(self) -> int:
+        assert self.producer is not None and self.consumer is not None
+        self._flush_and_check("an event, dead letter or score")
+        written = self._send_changelog()
+        self._flush_and_check("a changelog record")
+        if self._offsets:
+            self.consumer.commit({TopicPartition(self.config.input_topic, p): _offset(o)
+                                  for p, o in self._offsets.items()})
+        return written
+
+    def _commit_exactly_once(self) -> int:
+        assert self.producer is not None and self.consumer is not None
+        if not self._in_transaction:  # e.g. only evictions since the last commit
+            self.producer.begin_transaction()
+            self._in_transaction = True
+        written = self._send_changelog()
+        # kafka-python 3.0 commits a transaction even if one of its batches expired: check every send first
+        self._flush_and_check("a record of the transaction")
+        if self._offsets:
+            offsets = {TopicPartition(self.config.input_topic, p): _offset(o) for p, o in self._offsets.items()}
+            self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
+        self.producer.commit_transaction()
+        self._in_transaction = False
+        return written
+
+    def _flush_and_check(self, what: str) -> None:
+        assert self.producer is not None
+        self.producer.flush(timeout=FLUSH_TIMEOUT_S)
+        failed = [f for f in self._futures if not f.is_done or f.failed()]
         if failed:
-            logger.warning("%d of %d sends failed, e.g. %s", len(failed), len(self._futures), failed[0].exception)
-        return bool(failed)
+            first = failed[0]
+            raise SendFailedError(f"{len(failed)} of {len(self._futures)} sends failed or did not finish, "
+                                  f"e.g. {what}: {first.exception if first.is_done else 'not done'}")
 
     def _send_changelog(self) -> int:
+        """Snapshots of the devices touched since the last commit, tombstones, one marker per partition."""
         assert self.producer is not None
         cfg = self.config
         store = self.detector.store
@@ -394,60 +530,148 @@ class StreamProcessor:
         written = 0
         blobs = store.snapshot_many(devices) if devices else []
         send = self.producer.send
+        futures = self._futures
+        n = self._n_partitions
         for device, blob in zip(devices, blobs, strict=True):
             p = self._dirty[device]
             value = encode_value(blob, self._offsets.get(p, -1))
             key = device.encode()
             written += len(value) + len(key)
-            self._futures.append(send(cfg.changelog_topic, key=key, value=value, partition=p % self._n_partitions))
+            futures.append(send(cfg.changelog_topic, key=key, value=value, partition=p % n))
         for device, p in self._tombstones.items():
-            self._futures.append(send(cfg.changelog_topic, key=device.encode(), value=None,
-                                      partition=p % self._n_partitions))
+            futures.append(send(cfg.changelog_topic, key=device.encode(), value=None, partition=p % n))
+        for p, offset in self._offsets.items():
+            futures.append(send(cfg.changelog_topic, key=MARKER_KEY, value=encode_marker(offset), partition=p % n))
         return written
 
-    def _rewind(self) -> None:
-        """Throw away uncommitted work: abort, drop state, restore from the changelog, seek to committed."""
-        self.stats.rewinds += 1
-        if self._in_transaction:
+    # -------------------------------------------------------------- failures
+    def _fenced(self, exc: BaseException | None) -> bool:
+        """Whether ``exc`` (or the producer's stored fatal error) says another producer took our transactional id."""
+        if isinstance(exc, (ProducerFencedError, FencedError)):
+            return True
+        # kafka-python 3.0 re-raises a stored fatal error as a plain KafkaError naming it; the
+        # transaction manager keeps the original (``last_error``), so look there, not at the text
+        manager = getattr(self.producer, "_transaction_manager", None)
+        return isinstance(getattr(manager, "last_error", None), ProducerFencedError)
+
+    def _abandon_transaction(self, exc: BaseException | None) -> None:
+        """Exactly-once: end the open transaction without committing it (abort, or drop the producer)."""
+        if not self.config.exactly_once or self.producer is None:
+            return
+        if self._fenced(exc):
+            self._stop.set()
+            raise FencedError(f"this instance was fenced: another one uses transactional id "
+                              f"{self.transactional_id!r}") from exc
+        if not self._in_transaction and self._producer_ok:
+            return
+        self._in_transaction = False
+        if self._producer_ok and (exc is None or isinstance(exc, _GENERATION_ERRORS)):
+            # the broker answers (a rebalance, not an outage): abort right away
             try:
-                assert self.producer is not None
                 self.producer.abort_transaction()
-            except KafkaError as exc:
-                logger.warning("abort_transaction failed: %s", exc)
-            self._in_transaction = False
+                return
+            except KafkaError as abort_exc:
+                if self._fenced(abort_exc):
+                    self._stop.set()
+                    raise FencedError(f"this instance was fenced (transactional id {self.transactional_id!r})"
+                                      ) from abort_exc
+                logger.warning("abort_transaction failed (%s); recreating the producer", abort_exc)
+        # broker unreachable, a send expired, or the producer is in a fatal state: a new producer's
+        # init_transactions bumps the epoch, which aborts this transaction on the broker
+        self._producer_ok = False
+        _close_quietly(self.producer)
+
+    def _discard_uncommitted(self, exc: BaseException | None, why: str) -> None:
+        """Forget everything since the last commit; its partitions are restored and re-read from Kafka."""
+        tainted = set(self._offsets) | set(self._dirty.values()) | set(self._tombstones.values())
+        self.stats.rewinds += 1
+        self._abandon_transaction(exc)
         self._offsets.clear()
         self._dirty.clear()
         self._tombstones.clear()
         self._futures.clear()
-        partitions = set(self._ready)
-        self._drop_partitions(partitions)
-        self._restore(partitions)
+        redo = tainted & (self._ready | self._kept)
+        if exc is not None or redo:
+            logger.warning("%s%s; discarding the work since the last commit: partitions %s are restored from "
+                           "the changelog and re-read from their committed offsets", why,
+                           f" ({type(exc).__name__}: {exc})" if exc is not None else "", sorted(redo))
+        if redo:
+            self._drop_partitions(redo)
+            self._kept -= redo
+            self._to_restore |= redo
+            self._pause(redo)
+
+    def _recover(self, exc: BaseException) -> None:
+        """After a failed step: discard uncommitted work, back off (marking progress), let the next step retry."""
+        if self._fenced(exc):
+            self._stop.set()
+            raise FencedError(f"this instance was fenced: another one uses transactional id "
+                              f"{self.transactional_id!r}") from exc
+        self._failures += 1
+        self.stats.recoveries += 1
+        self._discard_uncommitted(exc, f"step failed (attempt {self._failures})")
+        self._close_restore_client()
+        delay = min(self.config.reconnect_backoff_max_s, BACKOFF_INITIAL_S * 2 ** min(self._failures - 1, 10))
+        self.metrics.set_ready(False, f"recovering from {type(exc).__name__}; retrying in {delay:.1f} s")
+        logger.warning("recovering from %s: %s; retrying in %.1f s", type(exc).__name__, exc, delay)
+        until = time.monotonic() + delay
+        while not self._stop.is_set() and time.monotonic() < until:
+            self.metrics.mark_progress()  # waiting for the broker is not a hang
+            time.sleep(min(0.2, max(0.0, until - time.monotonic())))
 
     # ------------------------------------------------------------- rebalance
     def _apply_rebalance_events(self) -> None:
+        revoked: set[int] = set()
+        got = False
+        topic = self.config.input_topic
         while True:
             try:
                 kind, tps = self._events.get_nowait()
             except Empty:
                 break
-            parts = {tp.partition for tp in tps if tp.topic == self.config.input_topic}
+            got = True
+            parts = {tp.partition for tp in tps if tp.topic == topic}
+            logger.info("partitions %s: %s", kind, sorted(parts))
             if kind == "revoked":
-                logger.info("partitions revoked: %s", sorted(parts))
-                self._drop_partitions(parts)
-                if self._in_transaction:
-                    self._rewind()  # the open transaction can no longer commit: redo the partitions kept
+                revoked |= parts
             else:
-                logger.info("partitions assigned: %s", sorted(parts))
                 self._joined = True
-                new = parts - self._ready
-                if new:
-                    self._restore(new)
+        if got:
+            assert self.consumer is not None
+            if revoked and self._has_uncommitted():
+                # the group generation moved on: this window can no longer commit
+                self._discard_uncommitted(None, f"partitions {sorted(revoked)} revoked with uncommitted work")
+            current = {tp.partition for tp in self.consumer.assignment() if tp.topic == topic}
+            gone = (self._ready | self._to_restore | self._kept) - current
+            if gone:
+                self._drop_partitions(gone)
+                self._to_restore -= gone
+                self._kept -= gone
+            back = revoked & current & self._ready
+            self._ready -= back
+            self._kept |= back
+            new = current - self._ready
+            self._to_restore |= new
+            self._pause(new)
+        self._update_ready()
+
+    def _update_ready(self) -> None:
         assigned = {tp.partition for tp in (self.consumer.assignment() if self.consumer else set())}
         self.metrics.set_assignment((self.config.input_topic, p) for p in sorted(assigned))
-        ready = self._joined and not (assigned - self._ready)
+        ready = self._joined and not self._to_restore and not (assigned - self._ready)
         self.metrics.set_ready(ready, "" if ready else "waiting for assignment or state restore")
 
+    def _pause(self, parts: Iterable[int]) -> None:
+        if self.consumer is None:
+            return
+        topic = self.config.input_topic
+        owned = {tp for tp in self.consumer.assignment() if tp.topic == topic}
+        tps = [TopicPartition(topic, p) for p in sorted(parts) if TopicPartition(topic, p) in owned]
+        if tps:
+            self.consumer.pause(*tps)
+
     def _drop_partitions(self, parts: set[int]) -> None:
+        """Forget the state of ``parts`` (revoked, or about to be restored)."""
         if not parts:
             return
         gone = [d for d, p in self._device_partition.items() if p in parts]
@@ -458,41 +682,88 @@ class StreamProcessor:
             self._tombstones.pop(d, None)
         for p in parts:
             self._offsets.pop(p, None)
+            self._position.pop(p, None)
+            self._committed.pop(p, None)
         self._ready -= parts
+        self._fresh |= parts
         self.metrics.set_active_devices(len(self.detector.store))
 
-    def _restore(self, parts: set[int]) -> None:
-        """Pause, load the partitions' devices from the changelog, seek to the committed offsets, resume."""
-        if not parts:
-            return
+    def _restore_pending(self) -> None:
+        """Committed offsets, then the changelog up to them, then seek and resume (partitions stay paused until)."""
         assert self.consumer is not None
         cfg = self.config
-        tps = [TopicPartition(cfg.input_topic, p) for p in sorted(parts)]
-        self.consumer.pause(*tps)
+        parts = sorted(self._to_restore)
+        tps = {p: TopicPartition(cfg.input_topic, p) for p in parts}
+        owned = set(self.consumer.assignment())
         self.metrics.set_restoring_partitions(len(parts))
-        report = restore_partitions(self._changelog_consumer, cfg.changelog_topic, parts, self.detector.store)
-        for p, devices in report.devices.items():
-            for d in devices:
-                self._device_partition[d] = p
-        committed = {tp: self.consumer.committed(tp) for tp in tps}
-        # an explicit offset, not seek_to_beginning(): a pending reset racing with the automatic one of
-        # the assignment was seen to move the position back to 0 after records had been processed
-        beginnings = self.consumer.beginning_offsets([tp for tp, o in committed.items() if o is None])
-        for tp, offset in committed.items():
-            position = beginnings[tp] if offset is None else offset
-            self.consumer.seek(tp, position)
-            logger.info("%s[%d]: %d devices restored, resuming at offset %d", tp.topic, tp.partition,
-                        len(report.devices.get(tp.partition, [])), position)
-        self._ready |= parts
-        self.consumer.resume(*tps)
+        # read_committed: blocks while a transaction's offset commit is pending (KIP-447 require_stable),
+        # so the offsets fetched here are final before the changelog is read
+        committed = {p: self.consumer.committed(tp, timeout_ms=COMMITTED_TIMEOUT_MS) for p, tp in tps.items()}
+        keep = {p for p in parts if p in self._kept and committed[p] == self._committed.get(p)}
+        stale = (self._kept & set(parts)) - keep
+        if stale:
+            self._drop_partitions(stale)
+        load = [p for p in parts if p not in keep]
+        report = None
+        if load:
+            try:
+                report = restore_partitions(
+                    self._restore_consumer(), cfg.changelog_topic, load, self.detector.store,
+                    min_next_offsets={p: committed[p] for p in load} if cfg.exactly_once else None,
+                    timeout_s=RESTORE_TIMEOUT_S, marker_wait_s=MARKER_WAIT_S, on_progress=self.metrics.mark_progress)
+            except BaseException:
+                self._close_restore_client()
+                raise
+            for p, devices in report.devices.items():
+                for d in devices:
+                    self._device_partition[d] = p
+        missing = [tps[p] for p in parts if committed[p] is None]
+        beginnings = self.consumer.beginning_offsets(missing) if missing else {}
+        for p in parts:
+            tp = tps[p]
+            position = committed[p] if committed[p] is not None else beginnings[tp]
+            if tp in owned:
+                # an explicit offset, not seek_to_beginning(): a pending reset racing with the automatic one of
+                # the assignment was seen to move the position back to 0 after records had been processed
+                self.consumer.seek(tp, position)
+            self._position[p] = position
+            self._committed[p] = committed[p]
+            logger.info("%s[%d]: %s, resuming at offset %d", cfg.input_topic, p,
+                        "in-memory state kept" if p in keep else
+                        f"{len(report.devices.get(p, [])) if report else 0} devices restored", position)
+        self._ready |= set(parts)
+        self._fresh |= set(parts)
+        self._kept -= set(parts)
+        self._to_restore.clear()
+        resume = [tp for tp in tps.values() if tp in owned]
+        if resume:
+            self.consumer.resume(*resume)
         self.metrics.set_restoring_partitions(0)
-        self.metrics.observe_restore(report.seconds, report.restored, dict(report.discarded))
-        self.stats.restored_devices += report.restored
+        self.stats.kept_partitions += len(keep)
+        if report is not None:
+            self.stats.restores += 1
+            self.stats.restored_devices += report.restored
+            self.stats.discarded_snapshots.update(report.discarded)
+            discarded = Counter({"model_version": report.discarded.get("model_version", 0),
+                                 "corrupt": report.discarded.get("corrupt", 0) + report.discarded.get("format", 0)})
+            self.metrics.observe_restore(report.seconds, report.restored, +discarded)
+        self._update_ready()
 
-    def _changelog_consumer(self) -> KafkaConsumer:
-        return KafkaConsumer(enable_auto_commit=False, group_id=None, auto_offset_reset="earliest",
-                             isolation_level="read_committed" if self.config.exactly_once else "read_uncommitted",
-                             max_partition_fetch_bytes=8 * 1024 * 1024, **self._client_config())
+    def _restore_consumer(self) -> KafkaConsumer:
+        """One group-less consumer for every restore (creating one costs a bootstrap round trip)."""
+        if self._restore_client is None:
+            self._restore_client = KafkaConsumer(
+                enable_auto_commit=False, group_id=None, auto_offset_reset="earliest",
+                isolation_level="read_committed" if self.config.exactly_once else "read_uncommitted",
+                max_partition_fetch_bytes=16 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024,
+                **self._client_config())
+        return self._restore_client
+
+    def _close_restore_client(self) -> None:
+        client, self._restore_client = self._restore_client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
 
     # ------------------------------------------------------------- periodic
     def _update_lag(self) -> None:
@@ -522,24 +793,45 @@ class StreamProcessor:
             self.metrics.add_evictions(len(gone))
 
     def close(self) -> None:
-        """Leave the group and close the clients (idempotent)."""
-        if self._in_transaction and self.producer is not None:
+        """Leave the group and close the clients (idempotent); an open transaction is aborted."""
+        if self._in_transaction and self.producer is not None and self._producer_ok:
             with contextlib.suppress(KafkaError):
                 self.producer.abort_transaction()
-            self._in_transaction = False
+        self._in_transaction = False
         if self.consumer is not None:
             try:
                 self.consumer.close(autocommit=False)
             except KafkaError as exc:
                 logger.warning("closing the consumer failed: %s", exc)
             self.consumer = None
+        self._close_restore_client()
         if self.producer is not None:
-            try:
-                self.producer.close(timeout=10)
-            except KafkaError as exc:
-                logger.warning("closing the producer failed: %s", exc)
+            if self._producer_ok:
+                try:
+                    self.producer.close(timeout=10)
+                except KafkaError as exc:
+                    logger.warning("closing the producer failed: %s", exc)
+            else:
+                _close_quietly(self.producer)
             self.producer = None
+            self._producer_ok = False
         self.metrics.set_ready(False, "stopped")
+
+
+def _close_quietly(producer: KafkaProducer) -> None:
+    """Close a producer that may be broken without waiting for its buffered records.
+
+    kafka-python 3.0's ``close(timeout=0)`` raises from its flush before stopping the sender
+    thread, so the sender is force-closed directly when that happens (a private attribute).
+    """
+    try:
+        producer.close(timeout=0)
+    except Exception as exc:  # a broken producer: its records are abandoned on purpose
+        logger.debug("closing a dropped producer: %r", exc)
+        sender = getattr(producer, "_sender", None)
+        if sender is not None:
+            with contextlib.suppress(Exception):
+                sender.force_close()
 
 
 def _offset(offset: int) -> Any:
