@@ -38,12 +38,13 @@ def run_service(config: ServiceConfig) -> int:
     bundle, load_s = load_model(config)
     metrics = ServiceMetrics(topics=[config.input_topic], liveness_timeout_s=config.liveness_timeout_s,
                              process_metrics=True)
+    processor = StreamProcessor(config, bundle, metrics)
+    # after the processor: its constructor records the model with a load time of 0 s
     metrics.set_model(bundle.name, bundle.version, len(bundle.features), load_s)
     server = MetricsServer(metrics, host=config.metrics_host, port=config.metrics_port)
     server.start()
     logger.info("metrics on %s/metrics; model %s version %s (%d features) loaded in %.2f s", server.url,
                 bundle.name, bundle.version, len(bundle.features), load_s)
-    processor = StreamProcessor(config, bundle, metrics)
     try:
         attempt = 0
         while True:

@@ -2,24 +2,25 @@
 
 * ``promtool check config`` / ``check rules`` / ``test rules`` on ``deploy/prometheus/`` (Debian's
   ``prometheus`` package; ``scripts/install-prometheus.sh``). Without promtool these skip, except
-  under ``CI``, where they fail: a CI run must not pass by skipping.
+  under ``CI=true``, where they fail: a CI run must not pass by skipping (the ``promtool`` fixture
+  is in ``tests/e2e/conftest.py``).
 * Every metric name in an alert or dashboard expression is one that :class:`ServiceMetrics` registers,
   and every metric it registers appears on the dashboard.
 * Every dashboard expression parses as PromQL (promtool checks them as recording rules).
 
 :func:`render_prometheus_config` and :func:`dashboard_queries` are meant for the live end-to-end test
-as well (real Prometheus scraping a running service): the first points the shipped scrape config at a
-given target, the second expands the dashboard's template variables.
+as well (``tests/e2e/test_prometheus_live.py``: real Prometheus scraping running service processes): the
+first points the shipped scrape config at given targets, the second expands the dashboard's template
+variables.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,17 +53,6 @@ PROMQL_KEYWORDS = {
 # ---------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        message = "promtool not found; install it with scripts/install-prometheus.sh"
-        if os.environ.get("CI"):
-            pytest.fail(message + " (CI is set: this check must run, not skip)")
-        pytest.skip(message)
-    return path
-
-
 def run_promtool(promtool: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([promtool, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"promtool {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
@@ -70,17 +60,23 @@ def run_promtool(promtool: str, *args: str, cwd: Path = ROOT) -> subprocess.Comp
 
 
 def render_prometheus_config(
-    target: str, out_dir: Path, *, scrape_interval: str | None = None, evaluation_interval: str | None = None
+    target: str | Sequence[str],
+    out_dir: Path,
+    *,
+    scrape_interval: str | None = None,
+    evaluation_interval: str | None = None,
 ) -> Path:
     """Write the shipped prometheus.yml to ``out_dir``, scraping ``target`` (e.g. ``127.0.0.1:43117``).
 
-    The alert rules are copied beside it (rule_files stays relative). Intervals can be shortened for a
-    live test. Returns the path of the written config.
+    ``target`` may be several ``host:port`` strings (one per service instance). The alert rules are
+    copied beside it (rule_files stays relative). Intervals can be shortened for a live test. Returns
+    the path of the written config.
     """
+    targets = [target] if isinstance(target, str) else list(target)
     config = yaml.safe_load(PROMETHEUS_YML.read_text())
     jobs = [job for job in config["scrape_configs"] if job["job_name"] == JOB]
     assert len(jobs) == 1, f"expected one scrape config with job_name {JOB!r}, got {len(jobs)}"
-    jobs[0]["static_configs"] = [{"targets": [target]}]
+    jobs[0]["static_configs"] = [{"targets": targets}]
     if scrape_interval:
         config["global"]["scrape_interval"] = scrape_interval
         config["global"]["scrape_timeout"] = scrape_interval
@@ -169,6 +165,10 @@ def test_rendered_config_points_at_the_given_target(promtool: str, tmp_path: Pat
     (job,) = config["scrape_configs"]
     assert job["static_configs"] == [{"targets": ["127.0.0.1:43117"]}]
     assert (tmp_path / "alerts.yml").read_text() == ALERTS_YML.read_text()
+    several = render_prometheus_config(["127.0.0.1:43117", "127.0.0.1:43118"], tmp_path / "two")
+    run_promtool(promtool, "check", "config", str(several))
+    (job,) = yaml.safe_load(several.read_text())["scrape_configs"]
+    assert job["static_configs"] == [{"targets": ["127.0.0.1:43117", "127.0.0.1:43118"]}]
 
 
 def test_promtool_check_rules(promtool: str) -> None:
