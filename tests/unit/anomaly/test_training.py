@@ -216,3 +216,25 @@ def test_bad_training_settings_are_named(settings, message):
 def test_an_unknown_override_is_named():
     with pytest.raises(ValueError, match=r"unknown training setting\(s\) \['epochz'\]"):
         fit(fleet(), ["x", "y"], time_col="ts", device_col="device", epochz=3)
+
+
+def test_the_optimizer_steps_exactly_like_torch_adam():
+    """training.Adam exists only to avoid torch.optim's 3 s import; it must not change a single weight."""
+    from anomaly.model import LSTMForecaster
+    from anomaly.training import Adam
+
+    torch.manual_seed(0)
+    ours, theirs = LSTMForecaster(3, 8), LSTMForecaster(3, 8)
+    theirs.load_state_dict(ours.state_dict())
+    opt_ours = Adam(ours.parameters(), lr=3e-3)
+    opt_theirs = torch.optim.Adam(theirs.parameters(), lr=3e-3)
+    x = torch.randn(4, 12, 3)
+    for _ in range(25):
+        for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            opt.zero_grad()
+            pred, _ = model(x[:, :-1])
+            ((pred - x[:, 1:]) ** 2).mean().backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+    for key, tensor in ours.state_dict().items():
+        assert torch.equal(tensor, theirs.state_dict()[key]), key
