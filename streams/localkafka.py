@@ -16,10 +16,18 @@ Data directory layout (kept after failures, so the logs can be read)::
     <data dir>/kraft/               partitions and the __cluster_metadata log
     <data dir>/logs/                server.log, controller.log, state-change.log, stdout.log
 
-What it must not do: run in production (one replica, no authentication, 127.0.0.1 only), be
-imported by the service's processing path, or kill anything it did not start (``stop`` checks that
-the pid is a ``kafka.Kafka`` JVM on this data directory before signalling). POSIX only (process
-groups). SASL/SCRAM is not built in yet; ``extra_properties`` is the hook that will add a listener.
+Security, for tests of the clients' TLS/SASL settings: ``sasl_users={"alice": "..."}`` adds a
+``SASL_PLAINTEXT`` listener on a port of its own (:meth:`LocalKafka.listener_bootstrap`) that accepts
+PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512; the SCRAM credentials are written into the metadata log when
+the storage is formatted (``kafka-storage format --add-scram``), the PLAIN ones into the listener's
+JAAS config. ``tls_keystore=PEM`` adds a ``SASL_SSL`` listener too, serving the private key and
+certificate chain in that PEM file. The ``PLAINTEXT`` listener (:attr:`LocalKafka.bootstrap`) stays
+for readiness checks and admin work, and the inter-broker and controller listeners stay plaintext.
+
+What it must not do: run in production (one replica, test credentials in a plain file, 127.0.0.1
+only), be imported by the service's processing path, or kill anything it did not start (``stop``
+checks that the pid is a ``kafka.Kafka`` JVM on this data directory before signalling). POSIX only
+(process groups).
 
 Command line::
 
@@ -71,6 +79,7 @@ __all__ = [
     "new_cluster_id",
     "pick_free_ports",
     "render_server_properties",
+    "security_properties",
 ]
 
 logger = logging.getLogger(__name__)
@@ -97,6 +106,12 @@ _KRAFT_DIR = "kraft"
 _HOST = "127.0.0.1"
 _STOP_TIMEOUT_S = 30.0
 _PROPERTY_KEY = re.compile(r"^[A-Za-z0-9_.\-]+$")
+#: User names and passwords of ``sasl_users`` go into a JAAS line and a ``--add-scram`` argument
+#: unquoted by anything else: keep them to characters that neither syntax treats specially.
+_CREDENTIAL = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
+#: Mechanisms the SASL listeners accept (kafka-python supports all three).
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+_SCRAM_ITERATIONS = 4096  # Kafka's default and minimum for SCRAM credentials
 
 
 class LocalKafkaError(StreamsError, RuntimeError):
@@ -377,6 +392,89 @@ def render_server_properties(
     return "\n".join(lines) + "\n"
 
 
+def _check_credentials(users: Mapping[str, str]) -> None:
+    if not users:
+        raise ValueError("sasl_users must name at least one user")
+    for name, password in users.items():
+        for what, value in (("user name", name), (f"password of {name!r}", password)):
+            if not isinstance(value, str) or not _CREDENTIAL.match(value):
+                raise ValueError(f"sasl_users: {what} must be 1-128 characters of A-Z a-z 0-9 _ . -, got {value!r}")
+
+
+def security_properties(
+    *,
+    broker_port: int,
+    controller_port: int,
+    sasl_users: Mapping[str, str],
+    sasl_plaintext_port: int,
+    sasl_ssl_port: int | None = None,
+    tls_keystore: Path | str | None = None,
+) -> dict[str, str]:
+    """Broker properties for SASL listeners beside the template's PLAINTEXT and CONTROLLER ones.
+
+    The client-facing ``SASL_PLAINTEXT`` listener (and ``SASL_SSL`` when ``tls_keystore`` is given)
+    accepts :data:`SASL_MECHANISMS`. PLAIN users are listed in the listener's JAAS config; SCRAM
+    users are not (their salted credentials live in the metadata log, see :meth:`LocalKafka.start`).
+    Inter-broker and controller traffic stays on the plaintext listeners.
+
+    Parameters
+    ----------
+    broker_port, controller_port
+        The template's PLAINTEXT and CONTROLLER ports (``listeners`` is rewritten with them).
+    sasl_users
+        User name -> password (characters ``A-Z a-z 0-9 _ . -``).
+    sasl_plaintext_port
+        Port of the ``SASL_PLAINTEXT`` listener.
+    sasl_ssl_port, tls_keystore
+        Port of a ``SASL_SSL`` listener and a PEM file with its unencrypted PKCS#8 private key
+        followed by its certificate chain; both or neither.
+
+    Raises
+    ------
+    ValueError
+        For a bad user name or password, or only one of ``sasl_ssl_port``/``tls_keystore``.
+
+    Examples
+    --------
+    >>> props = security_properties(broker_port=9092, controller_port=9093, sasl_users={"alice": "pw"},
+    ...                             sasl_plaintext_port=9094)
+    >>> props["listeners"]
+    'PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093,SASL_PLAINTEXT://127.0.0.1:9094'
+    >>> props["listener.name.sasl_plaintext.plain.sasl.jaas.config"]
+    'org.apache.kafka.common.security.plain.PlainLoginModule required user_alice="pw";'
+    """
+    _check_credentials(sasl_users)
+    if (sasl_ssl_port is None) != (tls_keystore is None):
+        raise ValueError("sasl_ssl_port and tls_keystore go together: give both or neither")
+    listeners = {"SASL_PLAINTEXT": int(sasl_plaintext_port)}
+    if sasl_ssl_port is not None:
+        listeners["SASL_SSL"] = int(sasl_ssl_port)
+    extra = "".join(f",{name}://{_HOST}:{port}" for name, port in listeners.items())
+    props = {
+        "listeners": f"PLAINTEXT://{_HOST}:{broker_port},CONTROLLER://{_HOST}:{controller_port}{extra}",
+        "advertised.listeners": f"PLAINTEXT://{_HOST}:{broker_port}{extra}",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+        + "".join(f",{name}:{name}" for name in listeners),
+        "sasl.enabled.mechanisms": ",".join(SASL_MECHANISMS),
+    }
+    plain_users = " ".join(f'user_{name}="{password}"' for name, password in sasl_users.items())
+    for name in listeners:
+        prefix = f"listener.name.{name.lower()}"
+        props[f"{prefix}.sasl.enabled.mechanisms"] = ",".join(SASL_MECHANISMS)
+        props[f"{prefix}.plain.sasl.jaas.config"] = (
+            f"org.apache.kafka.common.security.plain.PlainLoginModule required {plain_users};"
+        )
+        for mechanism in ("scram-sha-256", "scram-sha-512"):
+            props[f"{prefix}.{mechanism}.sasl.jaas.config"] = (
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            )
+    if tls_keystore is not None:
+        props["listener.name.sasl_ssl.ssl.keystore.type"] = "PEM"
+        props["listener.name.sasl_ssl.ssl.keystore.location"] = str(tls_keystore)
+        props["listener.name.sasl_ssl.ssl.client.auth"] = "none"
+    return props
+
+
 # --------------------------------------------------------------------------------------------------
 # Processes
 # --------------------------------------------------------------------------------------------------
@@ -440,6 +538,14 @@ class LocalKafka:
         The ``java`` executable (17+).
     jvm_options
         Extra JVM flags, after the defaults (so they win), e.g. ``["-XX:TieredStopAtLevel=1"]``.
+    sasl_users
+        User name -> password: adds a ``SASL_PLAINTEXT`` listener (PLAIN, SCRAM-SHA-256,
+        SCRAM-SHA-512; see :func:`security_properties`). SCRAM credentials are created when the
+        storage is first formatted, so a later start on the same data directory keeps the users
+        of the first one.
+    tls_keystore
+        PEM file (unencrypted PKCS#8 key, then the certificate chain): adds a ``SASL_SSL`` listener
+        too. Needs ``sasl_users``.
 
     Examples
     --------
@@ -462,6 +568,8 @@ class LocalKafka:
         fetch_jars: bool = True,
         java: str = "java",
         jvm_options: Sequence[str] = (),
+        sasl_users: Mapping[str, str] | None = None,
+        tls_keystore: Path | str | None = None,
     ) -> None:
         if not re.fullmatch(r"\d+[kKmMgG]?", heap):
             raise ValueError(f"heap must look like '512m' or '1g' (a java -Xmx value), got {heap!r}")
@@ -484,6 +592,13 @@ class LocalKafka:
         self.fetch_jars = fetch_jars
         self.java = java
         self.jvm_options = tuple(jvm_options)
+        self.sasl_users = dict(sasl_users or {})
+        if self.sasl_users:
+            _check_credentials(self.sasl_users)
+        if tls_keystore is not None and not self.sasl_users:
+            raise ValueError("tls_keystore adds a SASL_SSL listener and needs sasl_users")
+        self.tls_keystore = None if tls_keystore is None else Path(tls_keystore).expanduser().resolve()
+        self.listener_ports: dict[str, int] = {}
         self.port: int | None = None
         self.controller_port: int | None = None
         self.cluster_id: str | None = None
@@ -500,6 +615,14 @@ class LocalKafka:
                 raise LocalKafkaError(f"no broker has been started on {self.data_dir} yet")
             return f"{_HOST}:{state['broker_port']}"
         return f"{_HOST}:{self.port}"
+
+    def listener_bootstrap(self, listener: str) -> str:
+        """``127.0.0.1:<port>`` of the ``SASL_PLAINTEXT`` or ``SASL_SSL`` listener (known once started)."""
+        ports = self.listener_ports or self._read_state().get("listener_ports", {})
+        if listener not in ports:
+            have = ", ".join(sorted(ports)) or "none (pass sasl_users / tls_keystore)"
+            raise LocalKafkaError(f"no {listener} listener on {self.data_dir}; listeners with security: {have}")
+        return f"{_HOST}:{ports[listener]}"
 
     @property
     def logs_dir(self) -> Path:
@@ -642,17 +765,36 @@ class LocalKafka:
         state = self._read_state()
         broker_port = self._requested_port or state.get("broker_port")
         controller_port = self._requested_controller_port or state.get("controller_port")
-        if broker_port is None or controller_port is None:
-            free = iter(p for p in pick_free_ports(3) if p not in (broker_port, controller_port))
+        wanted = ["SASL_PLAINTEXT"] if self.sasl_users else []
+        wanted += ["SASL_SSL"] if self.tls_keystore is not None else []
+        listener_ports = {k: int(v) for k, v in state.get("listener_ports", {}).items() if k in wanted}
+        if broker_port is None or controller_port is None or len(listener_ports) < len(wanted):
+            taken = (broker_port, controller_port, *listener_ports.values())
+            free = iter(p for p in pick_free_ports(3 + len(wanted)) if p not in taken)
             broker_port = broker_port or next(free)
             controller_port = controller_port or next(free)
+            listener_ports |= {name: next(free) for name in wanted if name not in listener_ports}
         if broker_port == controller_port:
             raise LocalKafkaError(f"broker and controller ports must differ, both are {broker_port}")
-        for name, port in (("broker port", broker_port), ("controller port", controller_port)):
+        named = [("broker port", broker_port), ("controller port", controller_port)]
+        named += [(f"{name} port", port) for name, port in listener_ports.items()]
+        for name, port in named:
             if not _port_free(int(port)):
                 raise LocalKafkaError(f"{name} {port} on {_HOST} is already in use; pass another port or free it")
         self.port, self.controller_port = int(broker_port), int(controller_port)
+        self.listener_ports = listener_ports
         self.cluster_id = state.get("cluster_id") or new_cluster_id()
+        extra_properties = dict(self.extra_properties)
+        if self.sasl_users:
+            security = security_properties(
+                broker_port=self.port,
+                controller_port=self.controller_port,
+                sasl_users=self.sasl_users,
+                sasl_plaintext_port=listener_ports["SASL_PLAINTEXT"],
+                sasl_ssl_port=listener_ports.get("SASL_SSL"),
+                tls_keystore=self.tls_keystore,
+            )
+            extra_properties = security | extra_properties  # explicit extra_properties win
 
         props = self.data_dir / "server.properties"
         props.write_text(
@@ -660,7 +802,7 @@ class LocalKafka:
                 broker_port=self.port,
                 controller_port=self.controller_port,
                 log_dirs=self.data_dir / _KRAFT_DIR,
-                extra_properties=self.extra_properties,
+                extra_properties=extra_properties,
             )
         )
         shutil.copyfile(DEPLOY_DIR / "log4j2.xml", self.data_dir / "log4j2.xml")
@@ -669,6 +811,7 @@ class LocalKafka:
             controller_port=self.controller_port,
             cluster_id=self.cluster_id,
             kafka_version=KAFKA_VERSION,
+            listener_ports=listener_ports,
         )
         (self.data_dir / _STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         return props
@@ -708,6 +851,7 @@ class LocalKafka:
             str(props),
             "--cluster-id",
             str(self.cluster_id),
+            *self._scram_arguments(),
         )
         # The storage tool needs no big heap; the broker's -Xmx is harmless here.
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=self.data_dir)
@@ -718,6 +862,14 @@ class LocalKafka:
                 f"{_tail_text(proc.stdout + proc.stderr, 30)}"
             )
         logger.info("formatted KRaft storage in %s (cluster id %s)", self.data_dir / _KRAFT_DIR, self.cluster_id)
+
+    def _scram_arguments(self) -> list[str]:
+        """``--add-scram`` arguments creating every SASL user for both SCRAM mechanisms."""
+        args: list[str] = []
+        for name, password in self.sasl_users.items():
+            for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
+                args += ["--add-scram", f"{mechanism}=[name={name},password={password},iterations={_SCRAM_ITERATIONS}]"]
+        return args
 
     def _launch(self, libs: Path, props: Path, *, detach: bool) -> None:
         server_log = self.logs_dir / "server.log"
