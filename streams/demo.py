@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import torch
+
 from anomaly.bundle import ModelBundle
 from anomaly.errors import BundleError
 from anomaly.synthetic import AnomalyRecord, FleetSpec, simulate_fleet
@@ -162,6 +164,7 @@ def run_demo(options: DemoOptions) -> int:
                                input_partitions=4, metrics_port=options.metrics_port, metrics_host="127.0.0.1")
         metrics = ServiceMetrics(topics=[config.input_topic], process_metrics=True)
         server = MetricsServer(metrics, host=config.metrics_host, port=config.metrics_port).start()
+        torch.set_num_threads(config.torch_threads)
         processor = StreamProcessor(config, bundle, metrics)
         processor.connect()
         threads.append(threading.Thread(target=processor.run, name="processor", daemon=True))

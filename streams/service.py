@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
+
 from anomaly.bundle import ModelBundle
 from streams.config import ServiceConfig
 from streams.errors import BrokerUnavailableError
@@ -34,6 +36,7 @@ def load_model(config: ServiceConfig) -> tuple[ModelBundle, float]:
 def run_service(config: ServiceConfig) -> int:
     """Run the service; returns the process exit code."""
     logging.getLogger().setLevel(config.log_level)
+    torch.set_num_threads(config.torch_threads)
     logger.info("starting with settings %s", config.redacted())
     bundle, load_s = load_model(config)
     metrics = ServiceMetrics(topics=[config.input_topic], liveness_timeout_s=config.liveness_timeout_s,

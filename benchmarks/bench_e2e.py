@@ -1,0 +1,223 @@
+"""End-to-end throughput and latency of the service on a local Kafka broker (issue 3's benchmark).
+
+What it measures, all in one run on one broker (so the figures are comparable on a noisy machine):
+
+1. ``readings_per_s_single``: the service (StreamProcessor, at-least-once) draining a pre-loaded
+   topic of single-reading messages from 10,000 devices (median of the repetitions).
+2. ``readings_per_s_windowed``: the same with windows of 10 readings per message.
+3. ``consume_ceiling_msgs_per_s``: kafka-python alone consuming the single-reading topic and decoding
+   it with the service's codec, no model (the ceiling the service cannot beat).
+4. ``p50_ms`` / ``p99_ms``: latency from a reading's produce time (Kafka CreateTime) to its score,
+   while producers send single readings at half the measured single-message maximum (or as fast as
+   the producer processes manage, if that is less: printed).
+
+Run: ``.venv/bin/python benchmarks/bench_e2e.py [--devices 10000] [--messages 100000]``.
+Its LAST line is one JSON object with the keys above. No timing is asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from anomaly.bundle import ModelBundle
+from streams.codec import decode_records, encode_reading, encode_window
+from streams.config import ServiceConfig
+from streams.kafka_admin import TopicSpec, admin_client, ensure_topics
+from streams.localkafka import LocalKafka
+from streams.processor import StreamProcessor
+
+FEATURES = ("temp", "vibration", "current", "pressure")
+PARTITIONS = 4
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def messages(devices: int, total_readings: int, window: int, start_ms: int) -> list[tuple[bytes, bytes]]:
+    rng = np.random.default_rng(0)
+    ids = [f"dev-{i:05d}" for i in range(devices)]
+    out = []
+    steps = max(1, total_readings // devices // window)
+    for step in range(steps):
+        values = rng.normal(size=(devices, window, len(FEATURES))).round(3)
+        for d, device in enumerate(ids):
+            base = start_ms + (step * window) * 1000
+            if window == 1:
+                out.append(encode_reading(device, base, dict(zip(FEATURES, values[d, 0].tolist(), strict=True))))
+            else:
+                rows = [(base + k * 1000, dict(zip(FEATURES, values[d, k].tolist(), strict=True))) for k in range(window)]
+                out.append(encode_window(device, rows))
+    return out
+
+
+def _producer_proc(bootstrap: str, topic: str, payload: list[tuple[bytes, bytes]], rate: float | None) -> None:
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=5, batch_size=512 * 1024)
+    started = time.perf_counter()
+    for i, (key, value) in enumerate(payload):
+        if rate and i % 200 == 0:
+            ahead = i / rate - (time.perf_counter() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+        producer.send(topic, key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+def preload(bootstrap: str, topic: str, payload: list[tuple[bytes, bytes]], procs: int = 2) -> float:
+    started = time.perf_counter()
+    chunks = [payload[i::procs] for i in range(procs)]
+    workers = [mp.Process(target=_producer_proc, args=(bootstrap, topic, chunk, None)) for chunk in chunks]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+        if w.exitcode != 0:
+            raise RuntimeError(f"a producer process failed (exit code {w.exitcode})")
+    return len(payload) / (time.perf_counter() - started)
+
+
+def make_topic(bootstrap: str, name: str) -> str:
+    admin = admin_client(bootstrap)
+    ensure_topics(admin, {name: TopicSpec(PARTITIONS)})
+    admin.close()
+    return name
+
+
+def drain(bootstrap: str, model_dir: Path, topic: str, expected_readings: int, guarantee: str = "at_least_once",
+          collect_latency: bool = False, stop_after_s: float = 600.0,
+          commit_interval_s: float = 1.0) -> tuple[float, list[float], StreamProcessor]:
+    """Run a processor until it has scored ``expected_readings``; returns readings/s (first record to last)."""
+    config = ServiceConfig(bootstrap_servers=bootstrap, model_dir=model_dir, input_topic=topic,
+                           events_topic=f"{topic}.events", dlq_topic=f"{topic}.dlq", group_id=f"bench-{uuid.uuid4().hex[:6]}",
+                           processing_guarantee=guarantee, commit_interval_s=commit_interval_s, max_poll_records=10_000,
+                           input_partitions=PARTITIONS)
+    torch.set_num_threads(config.torch_threads)
+    processor = StreamProcessor(config, ModelBundle.load(model_dir))
+    processor.connect()
+    latencies: list[float] = []
+    if collect_latency:
+        original = processor._observe
+
+        def observe(decoded, result, duration_s):  # type: ignore[no-untyped-def]
+            produced = decoded.produce_ts_ms
+            latencies.extend(((time.time() * 1000.0 - produced[produced >= 0]) / 1000.0).tolist())
+            original(decoded, result, duration_s)
+
+        processor._observe = observe  # type: ignore[method-assign]
+    first = None
+    deadline = time.monotonic() + stop_after_s
+    while time.monotonic() < deadline:
+        before = time.perf_counter()
+        processor.step()
+        done = processor.stats.readings["scored"] + processor.stats.readings["warmup"]
+        if done and first is None:
+            first = before  # the clock starts with the first poll that returned readings
+        if done >= expected_readings:
+            break
+    elapsed = time.perf_counter() - (first or time.perf_counter())
+    processor.commit(final=True)
+    processor.close()
+    done = processor.stats.readings["scored"] + processor.stats.readings["warmup"]
+    return done / max(elapsed, 1e-9), latencies, processor
+
+
+def consume_ceiling(bootstrap: str, topic: str, expected: int) -> float:
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"ceiling-{uuid.uuid4().hex[:6]}",
+                             auto_offset_reset="earliest", enable_auto_commit=False, max_poll_records=10_000,
+                             max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)
+    seen, first = 0, None
+    deadline = time.monotonic() + 300
+    while seen < expected and time.monotonic() < deadline:
+        polled = consumer.poll(timeout_ms=200, max_records=10_000)
+        records = [r for rs in polled.values() for r in rs]
+        if records and first is None:
+            first = time.perf_counter()
+        if records:
+            seen += len(decode_records(records, FEATURES))
+    elapsed = time.perf_counter() - (first or time.perf_counter())
+    consumer.close()
+    return seen / max(elapsed, 1e-9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=10_000)
+    parser.add_argument("--messages", type=int, default=100_000, help="single-reading messages to pre-load")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--latency-seconds", type=float, default=20.0)
+    args = parser.parse_args()
+    log(f"# bench_e2e: {args.devices} devices, {args.messages} single-reading messages, "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        ModelBundle.untrained(FEATURES, hidden_size=64, name="bench", version="1").save(model_dir)
+        broker = LocalKafka(Path(tmp) / "kafka", jvm_options=["-XX:TieredStopAtLevel=4", "-Xmx1g"])
+        broker.start()
+        try:
+            bootstrap = broker.bootstrap
+            start_ms = 1_700_000_000_000
+            single = make_topic(bootstrap, "bench.single")
+            payload = messages(args.devices, args.messages, 1, start_ms)
+            rate = preload(bootstrap, single, payload)
+            log(f"pre-loaded {len(payload)} single-reading messages at {rate:,.0f} msgs/s (2 producer processes)")
+            windowed = make_topic(bootstrap, "bench.windowed")
+            wpayload = messages(args.devices, args.messages, 10, start_ms)
+            preload(bootstrap, windowed, wpayload)
+            log(f"pre-loaded {len(wpayload)} windows of 10 ({len(wpayload) * 10} readings)")
+
+            ceilings, singles, windows = [], [], []
+            for r in range(args.repeats):
+                ceilings.append(consume_ceiling(bootstrap, single, len(payload)))
+                singles.append(drain(bootstrap, model_dir, single, len(payload))[0])
+                windows.append(drain(bootstrap, model_dir, windowed, len(wpayload) * 10)[0])
+                log(f"repeat {r + 1}: consume ceiling {ceilings[-1]:,.0f} msgs/s, service single "
+                    f"{singles[-1]:,.0f} readings/s, windowed {windows[-1]:,.0f} readings/s")
+            single_rate = statistics.median(singles)
+
+            latency_topic = make_topic(bootstrap, "bench.latency")
+            target = 0.5 * single_rate
+            n = int(target * args.latency_seconds)
+            lpayload = messages(args.devices, n, 1, start_ms + 10**9)
+            procs = 2
+            workers = [mp.Process(target=_producer_proc, args=(bootstrap, latency_topic, lpayload[i::procs], target / procs))
+                       for i in range(procs)]
+            consumer_started = time.perf_counter()
+            for w in workers:
+                w.start()
+            _, latencies, _ = drain(bootstrap, model_dir, latency_topic, len(lpayload), collect_latency=True)
+            for w in workers:
+                w.join()
+            achieved = len(lpayload) / (time.perf_counter() - consumer_started)
+            lat = np.asarray(latencies) * 1000.0
+            p50, p99 = float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
+            log(f"latency at a target of {target:,.0f} readings/s (achieved about {achieved:,.0f}/s): "
+                f"p50 {p50:.1f} ms, p99 {p99:.1f} ms over {len(lat)} readings")
+        finally:
+            broker.stop()
+    result = {"readings_per_s_single": round(single_rate), "readings_per_s_windowed": round(statistics.median(windows)),
+              "consume_ceiling_msgs_per_s": round(statistics.median(ceilings)), "p50_ms": round(p50, 1),
+              "p99_ms": round(p99, 1)}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
