@@ -60,7 +60,8 @@ def messages(devices: int, total_readings: int, window: int, start_ms: int) -> l
             if window == 1:
                 out.append(encode_reading(device, base, dict(zip(FEATURES, values[d, 0].tolist(), strict=True))))
             else:
-                rows = [(base + k * 1000, dict(zip(FEATURES, values[d, k].tolist(), strict=True))) for k in range(window)]
+                rows = [(base + k * 1000, dict(zip(FEATURES, values[d, k].tolist(), strict=True)))
+                        for k in range(window)]
                 out.append(encode_window(device, rows))
     return out
 
@@ -105,7 +106,8 @@ def drain(bootstrap: str, model_dir: Path, topic: str, expected_readings: int, g
           commit_interval_s: float = 1.0) -> tuple[float, list[float], StreamProcessor]:
     """Run a processor until it has scored ``expected_readings``; returns readings/s (first record to last)."""
     config = ServiceConfig(bootstrap_servers=bootstrap, model_dir=model_dir, input_topic=topic,
-                           events_topic=f"{topic}.events", dlq_topic=f"{topic}.dlq", group_id=f"bench-{uuid.uuid4().hex[:6]}",
+                           events_topic=f"{topic}.events", dlq_topic=f"{topic}.dlq",
+                           group_id=f"bench-{uuid.uuid4().hex[:6]}",
                            processing_guarantee=guarantee, commit_interval_s=commit_interval_s, max_poll_records=10_000,
                            input_partitions=PARTITIONS)
     torch.set_num_threads(config.torch_threads)
@@ -198,7 +200,8 @@ def main() -> None:
             n = int(target * args.latency_seconds)
             lpayload = messages(args.devices, n, 1, start_ms + 10**9)
             procs = 2
-            workers = [mp.Process(target=_producer_proc, args=(bootstrap, latency_topic, lpayload[i::procs], target / procs))
+            workers = [mp.Process(target=_producer_proc,
+                                  args=(bootstrap, latency_topic, lpayload[i::procs], target / procs))
                        for i in range(procs)]
             consumer_started = time.perf_counter()
             for w in workers:
