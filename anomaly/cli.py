@@ -20,6 +20,7 @@ from typing import NoReturn
 import pandas as pd
 
 from anomaly.errors import AnomalyError
+from anomaly.evaluation_runs import add_evaluate_command
 
 __all__ = ["Command", "build_parser", "main", "run"]
 
@@ -176,6 +177,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     score.add_argument("--time-col", help="timestamp column (default: the one the model was trained with)")
     score.add_argument("--device-col", help="device id column (default: the one the model was trained with)")
     score.set_defaults(func=_cmd_score)
+    add_evaluate_command(sub)
     return parser, sub
 
 
