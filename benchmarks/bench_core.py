@@ -24,7 +24,9 @@ Threads: torch runs with ONE intra-op thread by default (``--threads``). On a sh
 OpenMP threads spinning against other processes made every figure 3-4x slower (measured: 92k vs 310k
 readings/s batched at load average ~3.5); the service should pin its threads the same way.
 
-Each throughput figure is the median of ``--repeats`` timed repetitions. Progress lines go to stdout
+Each throughput figure is the median of ``--repeats`` timed repetitions, run in rounds (one batched,
+one windowed, one naive repetition per round) so that all three see the same machine load; ``speedup``
+is the median of the per-round ratios. Progress lines go to stdout
 as the run goes; the line before last (``details: {...}``) holds the context (load average before and
 after, torch threads, memory breakdown), so a reader can judge a noisy machine; the LAST line is one
 JSON object with exactly the five headline numbers.
@@ -134,24 +136,35 @@ def batch_of(ids: np.ndarray, ts: np.ndarray, values: np.ndarray, first: int, co
     )
 
 
-def timed_repeats(name: str, repeats: int, run: Callable[[], int]) -> float:
-    """Median readings/s over ``repeats`` runs of ``run`` (which returns the readings it processed)."""
-    rates = []
-    for i in range(repeats):
-        start = time.perf_counter()
-        readings = run()
-        elapsed = time.perf_counter() - start
-        rates.append(readings / elapsed)
-        log(f"  {name} repetition {i + 1}/{repeats}: {readings:,} readings in {elapsed:.3f} s "
-            f"= {rates[-1]:,.0f} readings/s")
-    median = statistics.median(rates)
-    log(f"{name}: median {median:,.0f} readings/s (min {min(rates):,.0f}, max {max(rates):,.0f})")
-    return median
+Runner = Callable[[], int]
+"""One timed repetition: processes some readings and returns how many."""
 
 
-def bench_batched(bundle: ModelBundle, ids: np.ndarray, ts: np.ndarray, values: np.ndarray, window: int,
-                  batches_per_repeat: int, repeats: int, warm_steps: int) -> float:
-    """Readings/s through ``StreamingDetector.process`` with ``window`` readings per device per call."""
+def interleaved(runners: dict[str, Runner], rounds: int) -> dict[str, list[float]]:
+    """Readings/s of each runner, one repetition of each per round, so all see the same machine load.
+
+    On a shared machine the load changes within seconds; running the three measurements one after
+    the other would compare them under different loads. Rounds interleave them instead.
+    """
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    for r in range(rounds):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            readings = run()
+            elapsed = time.perf_counter() - start
+            rates[name].append(readings / elapsed)
+            log(f"  round {r + 1}/{rounds} {name}: {readings:,} readings in {elapsed:.3f} s "
+                f"= {rates[name][-1]:,.0f} readings/s (load {load_average()[:1]})")
+    for name, values in rates.items():
+        log(f"{name}: median {statistics.median(values):,.0f} readings/s "
+            f"(min {min(values):,.0f}, max {max(values):,.0f})")
+    return rates
+
+
+def batched_runner(bundle: ModelBundle, ids: np.ndarray, ts: np.ndarray, values: np.ndarray, window: int,
+                   batches_per_repeat: int, repeats: int, warm_steps: int) -> tuple[Runner, list[int]]:
+    """A repetition of ``StreamingDetector.process`` calls with ``window`` readings per device per call,
+    and a one-element list counting the anomaly events they raised."""
     detector = StreamingDetector(bundle, capacity=len(ids))
     detector.process(batch_of(ids, ts, values, 0, warm_steps))  # past warm-up: every timed reading is scored
     step = warm_steps
@@ -174,15 +187,12 @@ def bench_batched(bundle: ModelBundle, ids: np.ndarray, ts: np.ndarray, values: 
             raise RuntimeError(f"expected every reading scored, got {result.counts()}")
         return n
 
-    label = "batched (1 reading/device/call)" if window == 1 else f"windowed ({window} readings/device/call)"
-    rate = timed_repeats(label, repeats, run)
-    log(f"  {label}: {events[0]} anomaly events in {len(batches)} calls ({len(batches) * len(batches[0]):,} readings)")
-    return rate
+    return run, events
 
 
-def bench_naive(bundle: ModelBundle, ids: np.ndarray, ts: np.ndarray, values: np.ndarray, readings: int,
-                repeats: int, warm_steps: int) -> float:
-    """Readings/s of a hand-rolled consumer that runs the model once per reading.
+def naive_runner(bundle: ModelBundle, ids: np.ndarray, ts: np.ndarray, values: np.ndarray, readings: int,
+                 warm_steps: int) -> Runner:
+    """A repetition of a hand-rolled consumer that runs the model once per reading.
 
     Per reading: dict lookup of the device's state, scale, model on ``[1, 1, F]``, store the state
     back, residual against the previous forecast, surprise from the same normal-error model, EMA.
@@ -219,7 +229,7 @@ def bench_naive(bundle: ModelBundle, ids: np.ndarray, ts: np.ndarray, values: np
             cursor[0] += 1
         return readings
 
-    return timed_repeats("naive (model once per reading)", repeats, run)
+    return run
 
 
 def realistic_ids(n: int, start: int = 0) -> np.ndarray:
@@ -313,15 +323,26 @@ def main(argv: list[str] | None = None) -> int:
     memory = memory_in_child(args.memory_devices, args.hidden, args.layers)
     log("memory: " + ", ".join(f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in memory.items()))
 
+    log("throughput: building batches and warming devices up ...")
+    run_batched, events_batched = batched_runner(bundle, ids, ts, values, 1, args.window * args.batches,
+                                                 args.repeats, warm)
+    run_windowed, events_windowed = batched_runner(bundle, ids, ts, values, args.window, args.batches,
+                                                   args.repeats, warm)
+    run_naive = naive_runner(bundle, ids, ts, values, args.naive_readings, warm)
     load_before = load_average()
-    batched = bench_batched(bundle, ids, ts, values, 1, args.window * args.batches, args.repeats, warm)
-    windowed = bench_batched(bundle, ids, ts, values, args.window, args.batches, args.repeats, warm)
-    naive = bench_naive(bundle, ids, ts, values, args.naive_readings, args.repeats, warm)
+    log(f"throughput: {args.repeats} rounds of batched, windowed and naive repetitions; load average {load_before}")
+    rates = interleaved({"batched": run_batched, "windowed": run_windowed, "naive": run_naive}, args.repeats)
     load_after = load_average()
-    log(f"load average before/after the throughput runs: {load_before} / {load_after}")
+    log(f"load average before/after the throughput runs: {load_before} / {load_after}; anomaly events raised: "
+        f"{events_batched[0]} batched, {events_windowed[0]} windowed")
+    batched, windowed, naive = (statistics.median(rates[k]) for k in ("batched", "windowed", "naive"))
+    # the ratio within each round compares runs under the same load
+    speedup = statistics.median(b / n for b, n in zip(rates["batched"], rates["naive"], strict=True))
 
     details = {
-        **context, "windowed_speedup": round(windowed / naive, 1), "memory": memory,
+        **context, "windowed_speedup": round(statistics.median(
+            w / n for w, n in zip(rates["windowed"], rates["naive"], strict=True)), 1),
+        "rates": {k: [round(v) for v in vs] for k, vs in rates.items()}, "memory": memory,
         "load_average_before": load_before, "load_average_after": load_after,
     }
     print("details: " + json.dumps(details), flush=True)
@@ -329,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         "readings_per_s": round(batched),
         "windowed_readings_per_s": round(windowed),
         "naive_readings_per_s": round(naive),
-        "speedup": round(batched / naive, 1),
+        "speedup": round(speedup, 1),
         "bytes_per_device": round(memory["rss_bytes_per_device"], 1),
     }
     print(json.dumps(summary), flush=True)
