@@ -65,6 +65,7 @@ from anomaly.evaluate import (
     skab_binary_metrics,
 )
 from anomaly.readings import ReadingBatch
+from anomaly.scoring import score_from_surprise
 from anomaly.training import fit
 
 __all__ = [
@@ -102,6 +103,9 @@ class EvalSettings:
     seed : training seed.
     chunk_rows : readings per :meth:`StreamingDetector.process` call when streaming a file.
     novelty : the novelty channels (see :mod:`anomaly.adaptation`).
+    score_source : ``"novelty"`` (what ``ours`` ships) or ``"detector"``: the detector's own statistic
+        and episode flag, for comparison (on NAB written as ``statistic / (2 * calibrated threshold)``,
+        so that the fixed threshold 0.5 is each file's calibrated one).
     skab_train_rows : rows at the start of each SKAB file used for training and never scored.
     river_quantile : River's SKAB threshold, the quantile of its scores on the training rows (it ships
         none; ours needs none: its alerts are relative to each device's own records).
@@ -115,6 +119,7 @@ class EvalSettings:
     seed: int = 0
     chunk_rows: int = 256
     novelty: NoveltyConfig = field(default_factory=lambda: NoveltyConfig(state_range=False))
+    score_source: Literal["novelty", "detector"] = "novelty"
     skab_train_rows: int = 400
     river_quantile: float = 0.99
 
@@ -124,6 +129,8 @@ class EvalSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"evaluation setting {name}={value!r} must be an integer >= 1")
+        if self.score_source not in ("novelty", "detector"):
+            raise ValueError(f"evaluation setting score_source={self.score_source!r} must be 'novelty' or 'detector'")
         if not 0.5 <= self.river_quantile < 1.0:
             raise ValueError(f"evaluation setting river_quantile={self.river_quantile} must be in [0.5, 1)")
 
@@ -175,6 +182,7 @@ class _Streamed:
     alerts: np.ndarray  # [N] bool novelty alerts (episode starts)
     anomalous: np.ndarray  # [N] bool inside a novelty episode
     status: np.ndarray  # [N] int8 ReadingStatus
+    detector_anomalous: np.ndarray  # [N] bool inside one of the detector's own episodes
 
 
 def _stream(bundle: ModelBundle, frame: pd.DataFrame, features: Sequence[str], time_col: str,
@@ -184,19 +192,19 @@ def _stream(bundle: ModelBundle, frame: pd.DataFrame, features: Sequence[str], t
     batch = _batch(frame, features, time_col)
     n = len(batch)
     score, novelty, alert_score = np.zeros(n), np.zeros(n), np.zeros(n)
-    anomalous, alerts = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    anomalous, alerts, own = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
     status = np.zeros(n, dtype=np.int8)
     try:
         for start in range(0, n, settings.chunk_rows):
             rows = np.arange(start, min(n, start + settings.chunk_rows))
             out = det.process(batch.take(rows))
             score[rows] = np.nan_to_num(out.result.scores.astype(np.float64), nan=0.0)
-            status[rows] = out.result.status
+            status[rows], own[rows] = out.result.status, out.result.anomalous
             novelty[rows], alert_score[rows] = out.novelty, out.alert_score
             alerts[rows], anomalous[rows] = out.alerts, out.anomalous
     finally:
         det.close()
-    return _Streamed(score, novelty, alert_score, alerts, anomalous, status)
+    return _Streamed(score, novelty, alert_score, alerts, anomalous, status, own)
 
 
 def _save_plot(path: Path, **fields: Any) -> None:
@@ -266,6 +274,13 @@ def _nab_ours(file: NabFile, settings: EvalSettings) -> tuple[np.ndarray, np.nda
     probation = int(probation_length(n))
     bundle = _train(file.frame.iloc[:probation], ["value"], "timestamp", settings, DetectorConfig(), file.key)
     streamed = _stream(bundle, file.frame, ["value"], "timestamp", settings)
+    if settings.score_source == "detector":
+        # each file has its own calibrated threshold; NAB takes one for the corpus, so the statistic is
+        # written relative to it: 0.5 is the file's threshold (float32 scores resolve surprise to ~7)
+        score = np.minimum(streamed.score, np.nextafter(np.float32(1), np.float32(0)))
+        relative = np.minimum(1.0, -np.log10(1.0 - score) / (2.0 * bundle.config.threshold))
+        own = streamed.detector_anomalous
+        return relative, own & ~np.r_[False, own[:-1]], 0.5
     return streamed.alert_score, streamed.alerts, settings.novelty.threshold
 
 
@@ -401,6 +416,9 @@ def _skab_ours(file: SkabFile, settings: EvalSettings) -> tuple[np.ndarray, np.n
     bundle = _train(file.frame.iloc[:train], features, SKAB_TIME_COLUMN, settings, DetectorConfig(),
                     f"{file.group}/{file.name}")
     streamed = _stream(bundle, file.frame, features, SKAB_TIME_COLUMN, settings)
+    if settings.score_source == "detector":
+        return (streamed.score[train:], streamed.detector_anomalous[train:].astype(np.int8),
+                float(score_from_surprise(bundle.config.threshold)))
     return streamed.novelty[train:], streamed.anomalous[train:].astype(np.int8), settings.novelty.threshold
 
 
