@@ -46,6 +46,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -337,6 +338,11 @@ class AdaptiveDetector:
     detector : StreamingDetector
         Scores the readings exactly as the service does; its model and state are used, not copied.
     config : NoveltyConfig
+    surprise : where each reading's surprise comes from. ``"residual"`` (default): the bundle's
+        normal-error model applied to the reading's raw residual (``actual - expected``).
+        ``"detector"``: the detector's own per-reading surprise, recovered from
+        ``ProcessResult.raw_scores`` (float32, so it saturates near 7.2), including any per-device
+        residual scaling the detector applies. Inside ``_run_pass`` both are at hand.
 
     Examples
     --------
@@ -350,9 +356,13 @@ class AdaptiveDetector:
     (True, 1)
     """
 
-    def __init__(self, detector: StreamingDetector, config: NoveltyConfig | None = None):
+    def __init__(self, detector: StreamingDetector, config: NoveltyConfig | None = None,
+                 surprise: Literal["residual", "detector"] = "residual"):
+        if surprise not in ("residual", "detector"):
+            raise ValueError(f"surprise={surprise!r} must be 'residual' or 'detector'")
         self.detector = detector
         self.config = config or NoveltyConfig()
+        self.surprise_source = surprise
         model = detector.model
         self.tracker = NoveltyTracker(self.config, len(detector.features), model.hidden_size)
         self._slots: dict[str, int] = {}
@@ -401,7 +411,11 @@ class AdaptiveDetector:
             scaled = det.bundle.scaler.transform(sub.values[accepted].astype(np.float64))
             residual = scaled - det.bundle.scaler.transform(res.expected[accepted].astype(np.float64))
             valid = res.status[accepted] == ReadingStatus.SCORED
-            sur = np.where(valid, det.bundle.scorer.surprise(residual), np.nan)
+            if self.surprise_source == "detector":
+                raw = np.minimum(res.raw_scores[accepted].astype(np.float64), np.nextafter(1.0, 0.0))
+                sur = np.where(valid, -np.log10(1.0 - raw), np.nan)
+            else:
+                sur = np.where(valid, det.bundle.scorer.surprise(residual), np.nan)
             hidden = None
             if self._hook is not None:
                 hidden = torch.cat([h[0] for h in self._captured], dim=0).numpy()[None]

@@ -166,3 +166,13 @@ def test_adaptive_detector_surprise_is_nan_where_the_detector_did_not_score() ->
     assert (out.novelty[~scored] == 0).all()
     det.close()
     assert det._hook is None
+
+
+def test_surprise_can_come_from_the_detectors_own_scores() -> None:
+    batch = ReadingBatch.from_arrays(["a"] * 40, np.arange(40) * 1000, np.c_[np.sin(np.arange(40.0)), np.ones(40)])
+    out = AdaptiveDetector(_detector(), NoveltyConfig(), surprise="detector").process(batch)
+    scored = out.result.status == ReadingStatus.SCORED
+    expected = -np.log10(1.0 - out.result.raw_scores[scored].astype(np.float64))
+    np.testing.assert_allclose(out.surprise[scored], expected)
+    with pytest.raises(ValueError, match="surprise"):
+        AdaptiveDetector(_detector(), surprise="magic")  # type: ignore[arg-type]
