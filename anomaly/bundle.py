@@ -81,6 +81,8 @@ class DetectorConfig:
     smoothing_alpha : weight of the newest reading in the moving average of surprise.
     point_margin : a single reading whose surprise exceeds the smoothed one by this much (decades of
         rarity) decides alone, so one extreme reading is not averaged away.
+    scale_alpha : weight of the newest reading in each device's running residual scale (0: judge every
+        device on the fleet's scale; see :func:`anomaly.scoring.normalize_residuals`).
     warmup_steps : readings of a new (or reset) device that advance its state without being scored.
     gap_policy : ``"reset"`` zeroes a device's state after a gap (it warms up again); ``"carry"`` goes on.
     gap_factor, nominal_interval_ms : a gap is longer than ``gap_factor * nominal_interval_ms``.
@@ -93,6 +95,7 @@ class DetectorConfig:
     cooldown: int = 3
     smoothing_alpha: float = 0.3
     point_margin: float = 2.0
+    scale_alpha: float = 0.02
     warmup_steps: int = 10
     gap_policy: Literal["reset", "carry"] = "reset"
     gap_factor: float = 10.0
@@ -107,6 +110,7 @@ class DetectorConfig:
             ("cooldown", isinstance(self.cooldown, int) and self.cooldown >= 1, "an integer >= 1"),
             ("smoothing_alpha", 0.0 < self.smoothing_alpha <= 1.0, "in (0, 1]"),
             ("point_margin", math.isfinite(self.point_margin) and self.point_margin >= 0, "a finite number >= 0"),
+            ("scale_alpha", 0.0 <= self.scale_alpha < 1.0, "in [0, 1)"),
             ("warmup_steps", isinstance(self.warmup_steps, int) and self.warmup_steps >= 1, "an integer >= 1"),
             ("gap_policy", self.gap_policy in ("reset", "carry"), "'reset' or 'carry'"),
             ("gap_factor", math.isfinite(self.gap_factor) and self.gap_factor > 1.0, "a finite number > 1"),

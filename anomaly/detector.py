@@ -10,7 +10,8 @@ One call's path (B devices in the call, T the most readings of one device, F fea
     factorize device ids → sort by (device, timestamp) → drop duplicates / out-of-order readings
     → slots of the devices (new ones allocated) → pad to [B, T, F], fill missing features
     → gather (h, c) [L, B, H] from the slabs → ONE forward pass → scatter (h, c) back
-    → residual = actual - forecast → surprise → smoothed surprise → decision statistic → episodes → events
+    → residual = actual - forecast, over the device's own residual scale → surprise → smoothed
+    surprise → decision statistic → episodes → events
 
 Cost per call: one LSTM forward pass over [B, T, F], O(N log N) numpy for grouping, and T
 vectorised steps of smoothing/episode logic; Python per device only where devices are new
@@ -34,7 +35,7 @@ from anomaly.episodes import EpisodePolicy
 from anomaly.errors import InvalidReadingError
 from anomaly.events import AnomalyEvent, ProcessResult, ReadingStatus
 from anomaly.readings import ReadingBatch
-from anomaly.scoring import decision_surprise, score_from_surprise, smooth_surprise
+from anomaly.scoring import decision_surprise, normalize_residuals, score_from_surprise, smooth_surprise
 from anomaly.state import NO_TIMESTAMP, DeviceStateStore
 
 __all__ = ["StreamingDetector", "score_frame"]
@@ -103,6 +104,10 @@ class StreamingDetector:
             return result
         codes, uniques = pd.factorize(batch.device_ids)
         order = np.lexsort((batch.timestamps_ms, codes))
+        empty = np.isnan(batch.values[order]).all(axis=1)
+        if empty.any():  # a reading with every feature missing must not pass for a perfectly normal one
+            result.status[order[empty]] = ReadingStatus.EMPTY
+            order = order[~empty]
         dev = codes[order]
         ts = batch.timestamps_ms[order]
         slots = self.store.slots_for(uniques)
@@ -182,8 +187,11 @@ class StreamingDetector:
         life = store.steps[slots][:, None] + np.arange(t_steps)[None, :]
         valid = np.arange(t_steps)[None, :] < lengths[:, None]
         scored = valid & (life >= cfg.warmup_steps)
-        residual = raw - expected
-        surprise = np.where(scored, self.bundle.scorer.surprise(residual), np.float32(0.0))
+        scorer = self.bundle.scorer
+        residual, ratio = normalize_residuals(raw - expected, scored, store.residual_ratio[slots],
+                                              scorer.reference_var, cfg.scale_alpha)
+        store.residual_ratio[slots] = ratio
+        surprise = np.where(scored, scorer.surprise(residual), np.float32(0.0))
         smoothed = smooth_surprise(surprise, scored, store.smoothed[slots], cfg.smoothing_alpha)
         decision = decision_surprise(smoothed, surprise, cfg.point_margin)
         episodes = self.policy.run(decision, scored, store.in_episode[slots], store.run_length[slots])

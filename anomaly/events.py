@@ -27,6 +27,8 @@ class ReadingStatus(IntEnum):
     """Same timestamp as the device's previous reading: dropped, state untouched."""
     OUT_OF_ORDER = 3
     """Older than the device's previous reading: dropped, state untouched."""
+    EMPTY = 4
+    """Every feature missing: nothing to judge or learn from; dropped, state untouched."""
 
     @property
     def label(self) -> str:

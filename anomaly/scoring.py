@@ -16,7 +16,13 @@ one reading ``10**point_margin`` times rarer still. The score users see is ``1 -
 [0, 1]. The threshold is the statistic exceeded by a target fraction of normal readings
 (:func:`calibrate_threshold`).
 
-What it must not do: decide episodes (``anomaly.episodes``) or touch device state.
+Devices differ: one pump's sensors are four times noisier than another's. Residuals are therefore
+first divided by each device's own running residual scale (:func:`normalize_residuals`, relative
+to the fleet's), so that a quiet device's small fault and a noisy device's normal jitter are
+judged on the same scale.
+
+What it must not do: decide episodes (``anomaly.episodes``) or own device state (the caller keeps
+the per-device ratios).
 
 Shapes: ``[..., F]`` residuals in scaled units, ``[...]`` distances/surprises.
 """
@@ -34,6 +40,7 @@ __all__ = [
     "NormalErrorModel",
     "calibrate_threshold",
     "decision_surprise",
+    "normalize_residuals",
     "score_from_surprise",
     "smooth_surprise",
     "surprise_from_score",
@@ -73,14 +80,22 @@ class NormalErrorModel:
     tail_scale: float
     tail_fraction: float
     n_fit: int
+    reference_var: np.ndarray | None = None
+    """[F] the fleet's residual variance per feature, the unit of :func:`normalize_residuals`."""
+
+    def __post_init__(self) -> None:
+        if self.reference_var is None:
+            object.__setattr__(self, "reference_var", np.diag(np.linalg.inv(self.precision)).astype(np.float32))
 
     @classmethod
     def fit(cls, residuals: np.ndarray, tail_fraction: float = 0.05, shrinkage: float = 1e-3,
-            min_samples: int = 50) -> NormalErrorModel:
+            min_samples: int = 50, reference_var: np.ndarray | None = None) -> NormalErrorModel:
         """Fit on normal residuals ``[N, F]`` (rows with NaN are ignored).
 
         ``shrinkage`` adds that fraction of the mean variance to the covariance's diagonal, so a
         constant or perfectly predicted feature does not make the covariance singular.
+        ``reference_var`` is the per-feature variance the residuals were normalised against
+        (default: their own variance).
         """
         r = np.asarray(residuals, dtype=np.float64)
         if r.ndim != 2:
@@ -100,9 +115,12 @@ class NormalErrorModel:
         start = float(body[-1])
         excess = d2[d2 > start] - start
         scale = float(excess.mean()) if len(excess) else max(start, 1e-6)
+        if reference_var is None:
+            reference_var = np.maximum(r.var(axis=0), 1e-12)
         return cls(centre=centre.astype(np.float32), precision=precision.astype(np.float32),
                    body_d2=body.astype(np.float64), body_cdf=cdf, tail_start=start,
-                   tail_scale=max(scale, 1e-9), tail_fraction=float(tail_fraction), n_fit=len(r))
+                   tail_scale=max(scale, 1e-9), tail_fraction=float(tail_fraction), n_fit=len(r),
+                   reference_var=np.asarray(reference_var, dtype=np.float32))
 
     @property
     def n_features(self) -> int:
@@ -140,7 +158,8 @@ class NormalErrorModel:
         return {"centre": self.centre.tolist(), "precision": self.precision.tolist(),
                 "body_d2": self.body_d2.tolist(), "body_cdf": self.body_cdf.tolist(),
                 "tail_start": self.tail_start, "tail_scale": self.tail_scale,
-                "tail_fraction": self.tail_fraction, "n_fit": self.n_fit}
+                "tail_fraction": self.tail_fraction, "n_fit": self.n_fit,
+                "reference_var": np.asarray(self.reference_var).tolist()}
 
     @classmethod
     def from_dict(cls, data: dict[str, object], n_features: int) -> NormalErrorModel:
@@ -163,8 +182,15 @@ class NormalErrorModel:
         for name, arr in (("centre", centre), ("precision", precision), ("body_d2", body_d2)):
             if not np.all(np.isfinite(arr)):
                 raise ValueError(f"scorer.{name} has non-finite values")
+        reference = data.get("reference_var")
+        reference_var = None
+        if reference is not None:
+            reference_var = np.asarray(reference, dtype=np.float32)
+            if reference_var.shape != (n_features,) or not np.all(np.isfinite(reference_var)) \
+                    or not np.all(reference_var > 0):
+                raise ValueError(f"scorer.reference_var: expected {n_features} finite values > 0")
         return cls(centre=centre, precision=precision, body_d2=body_d2, body_cdf=body_cdf,
-                   n_fit=int(data.get("n_fit", 0)), **fields)  # type: ignore[arg-type]
+                   n_fit=int(data.get("n_fit", 0)), reference_var=reference_var, **fields)  # type: ignore[arg-type]
 
 
 def score_from_surprise(surprise: np.ndarray | float) -> np.ndarray:
@@ -211,6 +237,52 @@ def smooth_surprise(surprise: np.ndarray, valid: np.ndarray, initial: np.ndarray
         m = np.where(valid[:, t], a * surprise[:, t] + (1 - a) * m, m)
         out[:, t] = m
     return out
+
+
+RATIO_BOUNDS = (1.0 / 16.0, 16.0)
+"""A device's residual variance is taken as at most 16x (4x in standard deviation) below or above the
+fleet's: beyond that a device is broken or mis-assigned, not merely quieter or noisier."""
+PROTECT_Z = 4.0
+"""Residuals beyond this many (normalised) standard deviations do not update the device's scale, so a
+fault cannot teach the detector that the faulty behaviour is the device's normal noise."""
+
+
+def normalize_residuals(residual: np.ndarray, update: np.ndarray, ratio: np.ndarray, reference_var: np.ndarray,
+                        alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Divide residuals by each device's running residual scale, updating it step by step.
+
+    Parameters
+    ----------
+    residual : ``[B, T, F]`` residuals (NaN = missing feature).
+    update : ``[B, T]`` bool, steps allowed to update the scale (scored readings).
+    ratio : ``[B, F]`` each device's residual variance relative to ``reference_var`` before the first step.
+    reference_var : ``[F]`` the fleet's residual variance.
+    alpha : weight of the newest squared residual in the moving average (0 disables normalisation).
+
+    Returns
+    -------
+    ``(normalised [B, T, F], ratio after the last step [B, F])``. Cost: T vectorised steps.
+
+    >>> z, r = normalize_residuals(np.full((1, 3, 1), 2.0), np.ones((1, 3), bool), np.ones((1, 1)),
+    ...                            np.array([1.0]), alpha=0.5)
+    >>> [round(float(v), 3) for v in z[0, :, 0]], float(r[0, 0])
+    ([2.0, 1.265, 1.109], 3.625)
+    """
+    if alpha <= 0:
+        return residual.astype(np.float32, copy=False), ratio
+    out = np.empty(residual.shape, dtype=np.float32)
+    ratio = np.asarray(ratio, dtype=np.float32).copy()
+    ref = np.asarray(reference_var, dtype=np.float32)
+    sd_ref = np.sqrt(ref)
+    lo, hi = RATIO_BOUNDS
+    a = np.float32(alpha)
+    for t in range(residual.shape[1]):
+        r = residual[:, t]
+        z = r / np.sqrt(ratio)
+        out[:, t] = z
+        ok = update[:, t, None] & np.isfinite(r) & (np.abs(z) < PROTECT_Z * sd_ref)
+        ratio = np.where(ok, np.clip((1 - a) * ratio + a * (r * r) / ref, lo, hi), ratio).astype(np.float32)
+    return out, ratio
 
 
 def decision_surprise(smoothed: np.ndarray, raw: np.ndarray, point_margin: float) -> np.ndarray:

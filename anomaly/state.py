@@ -10,8 +10,8 @@ scatters the result back.
 What it must not do: know about Kafka or partitions (``streams.changelog`` maps snapshots to
 topics), or score readings (``anomaly.detector`` does).
 
-Memory: ``2·L·H·4`` bytes of h/c plus ``8·F + 38`` bytes of scalars per slot, plus the id
-dictionary. Capacity grows by doubling, so growth copies are amortised, never per step.
+Memory: ``2·L·H·4`` bytes of h/c plus ``12·F + 38`` bytes of scalars per slot, plus the id
+dictionary. Capacity grows to the next power of two, so growth copies are amortised, never per step.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ NO_TIMESTAMP = np.iinfo(np.int64).min
 """``last_ts`` of a slot that has seen no reading yet."""
 
 _MAGIC = b"SADS"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 # magic, format version, L, H, F, len(model_version), len(device_id),
 # last_ts, steps, smoothed, in_episode, run_length, episode_start
 _HEADER = struct.Struct("<4sBHIHHHqqfBiq")
@@ -58,6 +58,7 @@ class DeviceSnapshot:
     c: np.ndarray  # [L, H]
     last_pred: np.ndarray  # [F]
     last_input: np.ndarray  # [F]
+    residual_ratio: np.ndarray  # [F]
 
 
 class DeviceStateStore:
@@ -82,6 +83,8 @@ class DeviceStateStore:
     leaving an episode; episode_start : ``[C]`` int64 epoch ms
     last_pred : ``[C, F]`` float32, the scaled forecast of the next reading
     last_input : ``[C, F]`` float32, the last scaled input, used to fill missing features
+    residual_ratio : ``[C, F]`` float32, the device's residual variance relative to the fleet's
+    (see :func:`anomaly.scoring.normalize_residuals`); 1 for a new device
 
     Examples
     --------
@@ -117,6 +120,7 @@ class DeviceStateStore:
         self.episode_start = np.empty(0, dtype=np.int64)
         self.last_pred = np.empty((0, n_features), dtype=np.float32)
         self.last_input = np.empty((0, n_features), dtype=np.float32)
+        self.residual_ratio = np.empty((0, n_features), dtype=np.float32)
         self._grow(capacity)
 
     # ------------------------------------------------------------------ slots
@@ -145,8 +149,8 @@ class DeviceStateStore:
         new = np.flatnonzero(slots < 0)
         if len(new):
             need = len(new) - len(self._free) + len(self._ids) - self.capacity
-            if need > 0:
-                self._grow(max(self.capacity * 2, self.capacity + need))
+            if need > 0:  # next power of two: amortised copies, at most 2x unused capacity
+                self._grow(1 << int(self.capacity + need - 1).bit_length())
             for i in new:
                 device = str(device_ids[i])
                 if self._free:
@@ -171,7 +175,8 @@ class DeviceStateStore:
             return out
 
         for name, fill in (("last_ts", NO_TIMESTAMP), ("steps", 0), ("smoothed", 0.0), ("in_episode", False),
-                           ("run_length", 0), ("episode_start", 0), ("last_pred", 0.0), ("last_input", 0.0)):
+                           ("run_length", 0), ("episode_start", 0), ("last_pred", 0.0), ("last_input", 0.0),
+                           ("residual_ratio", 1.0)):
             setattr(self, name, grow_np(getattr(self, name), fill))
         for name in ("h", "c"):
             t = getattr(self, name)
@@ -192,6 +197,7 @@ class DeviceStateStore:
         self.episode_start[slots] = 0
         self.last_pred[slots] = 0.0
         self.last_input[slots] = 0.0
+        self.residual_ratio[slots] = 1.0
 
     def remove(self, device_ids: Iterable[str]) -> int:
         """Drop devices' state (e.g. their partition was revoked); returns how many were held."""
@@ -227,7 +233,7 @@ class DeviceStateStore:
     def nbytes(self) -> int:
         """Bytes held by the slabs (not counting the id dictionary)."""
         arrays = (self.last_ts, self.steps, self.smoothed, self.in_episode, self.run_length,
-                  self.episode_start, self.last_pred, self.last_input)
+                  self.episode_start, self.last_pred, self.last_input, self.residual_ratio)
         return (self.h.element_size() * self.h.nelement() * 2) + sum(a.nbytes for a in arrays)
 
     # -------------------------------------------------------------- snapshots
@@ -242,7 +248,8 @@ class DeviceStateStore:
         h = self.h[:, idx].permute(1, 0, 2).contiguous().numpy()  # [n, L, H]
         c = self.c[:, idx].permute(1, 0, 2).contiguous().numpy()
         tail = np.concatenate([h.reshape(len(slots), -1), c.reshape(len(slots), -1),
-                               self.last_pred[slots], self.last_input[slots]], axis=1).astype("<f4")
+                               self.last_pred[slots], self.last_input[slots], self.residual_ratio[slots]],
+                              axis=1).astype("<f4")
         version = self.model_version.encode()
         out = []
         for i, (device, slot) in enumerate(zip(device_ids, slots.tolist(), strict=True)):
@@ -274,7 +281,7 @@ class DeviceStateStore:
         (_, _, layers, hidden, feats, n_ver, n_dev, last_ts, steps, smoothed, in_ep, run_len,
          ep_start) = _HEADER.unpack_from(body)
         off = _HEADER.size
-        n_floats = 2 * layers * hidden + 2 * feats
+        n_floats = 2 * layers * hidden + 3 * feats
         if len(body) != off + n_ver + n_dev + 4 * n_floats:
             raise StateFormatError("snapshot length does not match its header")
         try:
@@ -288,7 +295,8 @@ class DeviceStateStore:
             device_id=device, model_version=version, last_ts=last_ts, steps=steps, smoothed=smoothed,
             in_episode=bool(in_ep), run_length=run_len, episode_start=ep_start,
             h=floats[:lh].reshape(layers, hidden), c=floats[lh:2 * lh].reshape(layers, hidden),
-            last_pred=floats[2 * lh:2 * lh + feats], last_input=floats[2 * lh + feats:])
+            last_pred=floats[2 * lh:2 * lh + feats], last_input=floats[2 * lh + feats:2 * lh + 2 * feats],
+            residual_ratio=floats[2 * lh + 2 * feats:])
 
     def restore(self, data: bytes) -> str:
         """Load one snapshot into this store (overwriting that device's state); returns the device id.
@@ -318,6 +326,7 @@ class DeviceStateStore:
         self.episode_start[slots] = [s.episode_start for s in snaps]
         self.last_pred[slots] = np.stack([s.last_pred for s in snaps])
         self.last_input[slots] = np.stack([s.last_input for s in snaps])
+        self.residual_ratio[slots] = np.stack([s.residual_ratio for s in snaps])
 
     def check_compatible(self, snap: DeviceSnapshot) -> None:
         """Raise :class:`StateModelMismatchError` unless ``snap`` fits this store (model version and shape)."""

@@ -32,7 +32,13 @@ from anomaly.bundle import DetectorConfig, ModelBundle, Scaler
 from anomaly.errors import DataError, TrainingError
 from anomaly.model import LSTMForecaster
 from anomaly.readings import ReadingBatch
-from anomaly.scoring import NormalErrorModel, calibrate_threshold, decision_surprise, smooth_surprise
+from anomaly.scoring import (
+    NormalErrorModel,
+    calibrate_threshold,
+    decision_surprise,
+    normalize_residuals,
+    smooth_surprise,
+)
 
 __all__ = ["Adam", "TrainingConfig", "fit", "prepare_series"]
 
@@ -317,16 +323,29 @@ def _validation_loss(model: LSTMForecaster, series: list[np.ndarray], splits: li
 
 def _calibrate(model: LSTMForecaster, series: list[np.ndarray], splits: list[int],
                det: DetectorConfig) -> tuple[NormalErrorModel, float]:
-    """Fit the normal-error model and the threshold on held-out residuals (after warm-up)."""
+    """Fit the normal-error model and the threshold on held-out residuals (after warm-up).
+
+    Residuals go through the same per-device normalisation as in the detector, over each device's
+    whole series (so a device's scale has adapted by the time its held-out part starts).
+    """
     preds = _stream_predictions(model, series)
-    residuals = []
-    for p, s, split in zip(preds, series, splits, strict=True):
-        first = max(split, det.warmup_steps)
-        residuals.append(s[first:] - p[first - 1:-1])
-    if sum(len(r) for r in residuals) < 50:
+    full = [s[1:] - p[:-1] for p, s in zip(preds, series, strict=True)]  # full[d][i] is reading i + 1's
+    firsts = [max(split, det.warmup_steps) - 1 for split in splits]  # index of the first held-out residual
+    held_out = [r[first:] for r, first in zip(full, firsts, strict=True)]
+    if sum(len(r) for r in held_out) < 50:
         raise TrainingError("too little held-out data to calibrate the scorer (need 50 readings after warm-up); "
                             "give more rows or raise val_fraction")
-    scorer = NormalErrorModel.fit(np.concatenate(residuals))
+    reference_var = np.maximum(np.concatenate(held_out).astype(np.float64).var(axis=0), 1e-12).astype(np.float32)
+    longest = max(len(r) for r in full)
+    padded = np.zeros((len(full), longest, full[0].shape[1]), dtype=np.float32)
+    update = np.zeros((len(full), longest), dtype=bool)
+    for i, r in enumerate(full):
+        padded[i, :len(r)] = r
+        update[i, :len(r)] = np.arange(1, len(r) + 1) >= det.warmup_steps
+    normalised, _ = normalize_residuals(padded, update, np.ones((len(full), padded.shape[2]), np.float32),
+                                        reference_var, det.scale_alpha)
+    residuals = [normalised[i, first:len(r)] for i, (r, first) in enumerate(zip(full, firsts, strict=True))]
+    scorer = NormalErrorModel.fit(np.concatenate(residuals), reference_var=reference_var)
     longest = max(len(r) for r in residuals)
     surprise = np.zeros((len(residuals), longest), dtype=np.float32)
     valid = np.zeros((len(residuals), longest), dtype=bool)

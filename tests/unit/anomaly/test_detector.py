@@ -114,7 +114,7 @@ def test_duplicates_and_out_of_order_readings_are_dropped_and_counted():
     res = det.process(ReadingBatch.from_arrays(["d", "d", "d", "d"], [4000, 2000, 5000, 5000],
                                                device_series(1, 4)))
     assert [ReadingStatus(s).label for s in res.status] == ["duplicate", "out_of_order", "scored", "duplicate"]
-    assert res.counts() == {"scored": 1, "warmup": 0, "duplicate": 2, "out_of_order": 1}
+    assert res.counts() == {"scored": 1, "warmup": 0, "duplicate": 2, "out_of_order": 1, "empty": 0}
     assert np.isnan(res.scores[[0, 1, 3]]).all()
     assert det.store.steps[det.store.slot_of("d")] == steps_before + 1
 
@@ -198,3 +198,12 @@ def test_idle_devices_are_evicted_by_event_time():
     det.process(ReadingBatch.from_arrays(["old", "new"], [0, 100_000], np.zeros((2, 3))))
     assert det.evict_idle(now_ms=100_000, ttl_ms=50_000) == ["old"]
     assert "old" not in det.store and "new" in det.store
+
+
+def test_a_reading_with_every_feature_missing_is_not_scored_as_perfectly_normal():
+    det = StreamingDetector(ModelBundle.untrained(["a", "b"], hidden_size=8).with_config(warmup_steps=1))
+    det.process(ReadingBatch.from_arrays(["d"] * 3, [0, 1000, 2000], [[0.0, 0.0], [9.0, 9.0], [0.0, 0.0]]))
+    before = float(det.store.smoothed[det.store.slot_of("d")])
+    res = det.process(ReadingBatch.from_arrays(["d"], [3000], [[np.nan, np.nan]]))
+    # it would otherwise score 0 (d² of an all-NaN residual is 0) and pull the smoothed score down
+    assert res.status[0] == ReadingStatus.EMPTY and float(det.store.smoothed[det.store.slot_of("d")]) == before
