@@ -1,4 +1,4 @@
-"""The ``sensor-anomaly`` command: the core's commands plus ``serve``, ``simulate`` and ``demo``.
+"""The ``sensor-anomaly`` command: the core's commands plus ``serve``, ``simulate``, ``demo`` and ``export``.
 
 Why it exists here and not in ``anomaly.cli``: these commands talk to Kafka and serve HTTP, which
 the core must never import. This module adds them to the parser ``anomaly.cli`` builds, so there
@@ -87,7 +87,7 @@ def _port(text: str) -> int:
 
 
 def add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register ``serve``, ``simulate`` and ``demo`` on the core's subparsers."""
+    """Register ``serve``, ``simulate``, ``demo`` and ``export`` on the core's subparsers."""
     serve = sub.add_parser(
         "serve", help="run the stream processor (Kafka in, anomaly events out)",
         description="Consume readings, score them with the model, produce anomaly events and dead letters. "
@@ -145,6 +145,10 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
                       help="where the model and broker data live (default: ./demo-run)")
     demo.add_argument("--metrics-port", type=_port, default=9400, help="metrics port (default: 9400; 0 = any)")
     demo.set_defaults(func=_cmd_demo)
+
+    from streams.export import add_export_command
+
+    add_export_command(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -66,6 +66,7 @@ __all__ = [
     "RELOAD_OUTCOMES",
     "RESTORE_BUCKETS_S",
     "SCORE_BUCKETS",
+    "SHADOW_AGREEMENT_OUTCOMES",
     "SNAPSHOT_DISCARD_REASONS",
     "BatchHistogram",
     "MetricsServer",
@@ -92,6 +93,8 @@ OTHER_REASON = "other"
 EVENT_KINDS: tuple[str, ...] = ("start", "end")
 SNAPSHOT_DISCARD_REASONS: tuple[str, ...] = ("model_version", "corrupt")
 RELOAD_OUTCOMES: tuple[str, ...] = ("success", "failure")
+SHADOW_AGREEMENT_OUTCOMES: tuple[str, ...] = ("both", "live_only", "shadow_only", "not_comparable")
+"""``outcome`` of ``sensor_anomaly_shadow_agreement_total`` (see :mod:`streams.shadow` for the matching rule)."""
 
 LATENCY_BUCKETS_S: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -378,6 +381,28 @@ class ServiceMetrics:
             ["outcome"],
             registry=reg,
         )
+        # -- model switches and shadow scoring (hot reload and shadow mode: streams/model_watcher.py, streams/shadow.py)
+        self.model_switch_resets = Counter(
+            _name("model_switch_state_resets"),
+            "Device states dropped at a model switch: each device warms up again under the new model.",
+            registry=reg,
+        )
+        self.shadow_model_info = Info(
+            _name("shadow_model"), "The shadow model scoring beside the live one: name, version.", registry=reg
+        )
+        self.shadow_events = Counter(
+            _name("shadow_events"),
+            "Anomaly episode events of the shadow model (sent to the shadow topic), by kind (start, end).",
+            ["kind"],
+            registry=reg,
+        )
+        self.shadow_agreement = Counter(
+            _name("shadow_agreement"),
+            "Episode starts of the live and the shadow model, matched per device within a window, by outcome "
+            "(both, live_only, shadow_only; not_comparable: the other model was not scoring that reading).",
+            ["outcome"],
+            registry=reg,
+        )
         # -- health
         self.ready = Gauge(
             _name("ready"),
@@ -409,6 +434,10 @@ class ServiceMetrics:
             self.snapshots_discarded.labels(reason)
         for outcome in RELOAD_OUTCOMES:
             self.model_reloads.labels(outcome)
+        for kind in EVENT_KINDS:
+            self.shadow_events.labels(kind)
+        for outcome in SHADOW_AGREEMENT_OUTCOMES:
+            self.shadow_agreement.labels(outcome)
 
     # ------------------------------------------------------------------ per poll batch
     def observe_batch(
@@ -553,6 +582,35 @@ class ServiceMetrics:
 
     def observe_model_reload(self, ok: bool) -> None:
         self.model_reloads.labels("success" if ok else "failure").inc()
+
+    # ------------------------------------------------------------------ model switch and shadow
+    def observe_model_switch(self, devices_reset: int, closed_episodes: int = 0) -> None:
+        """Record a model switch: device states dropped (they warm up again under the new model) and the
+        episodes it closed with an ``end`` event (counted in ``anomaly_events_total{kind="end"}``)."""
+        if devices_reset < 0 or closed_episodes < 0:
+            raise ValueError(f"devices_reset and closed_episodes must be >= 0, got {devices_reset}, {closed_episodes}")
+        if devices_reset:
+            self.model_switch_resets.inc(devices_reset)
+        if closed_episodes:
+            self.anomaly_events.labels("end").inc(closed_episodes)
+
+    def set_shadow_model(self, name: str, version: str) -> None:
+        """Record the shadow model (at startup); without one the info series has no name or version labels."""
+        self.shadow_model_info.info({"name": str(name), "version": str(version)})
+
+    def observe_shadow(self, events_by_kind: Mapping[str, int], agreement: Mapping[str, int]) -> None:
+        """Record one batch of shadow scoring: the shadow's events by kind and agreement counts by outcome."""
+        for kind, n in events_by_kind.items():
+            if kind not in EVENT_KINDS:
+                raise ValueError(f"unknown anomaly event kind {kind!r}; expected one of {EVENT_KINDS}")
+            if n:
+                self.shadow_events.labels(kind).inc(n)
+        for outcome, n in agreement.items():
+            if outcome not in SHADOW_AGREEMENT_OUTCOMES:
+                raise ValueError(f"unknown shadow agreement outcome {outcome!r}; "
+                                 f"expected one of {SHADOW_AGREEMENT_OUTCOMES}")
+            if n:
+                self.shadow_agreement.labels(outcome).inc(n)
 
     # ------------------------------------------------------------------ health
     def mark_progress(self) -> None:
