@@ -83,6 +83,9 @@ class DetectorConfig:
         rarity) decides alone, so one extreme reading is not averaged away.
     scale_alpha : weight of the newest reading in each device's running residual scale (0: judge every
         device on the fleet's scale; see :func:`anomaly.scoring.normalize_residuals`).
+    stuck_after : per feature, the number of consecutive exactly repeated values after which the sensor
+        counts as stuck (its reading gets the maximum surprise); ``None`` turns the check off. Training
+        sets it above the longest repeat run seen in normal data.
     warmup_steps : readings of a new (or reset) device that advance its state without being scored.
     gap_policy : ``"reset"`` zeroes a device's state after a gap (it warms up again); ``"carry"`` goes on.
     gap_factor, nominal_interval_ms : a gap is longer than ``gap_factor * nominal_interval_ms``.
@@ -96,6 +99,7 @@ class DetectorConfig:
     smoothing_alpha: float = 0.3
     point_margin: float = 2.0
     scale_alpha: float = 0.02
+    stuck_after: tuple[int, ...] | None = None
     warmup_steps: int = 10
     gap_policy: Literal["reset", "carry"] = "reset"
     gap_factor: float = 10.0
@@ -103,6 +107,10 @@ class DetectorConfig:
     false_alarm_rate: float = 1e-4
 
     def __post_init__(self) -> None:
+        if self.stuck_after is not None:
+            object.__setattr__(self, "stuck_after", tuple(self.stuck_after))
+            if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in self.stuck_after):
+                raise ValueError(f"detector setting stuck_after={self.stuck_after!r} must be integers >= 1 or null")
         checks = [
             ("threshold", math.isfinite(self.threshold) and self.threshold > 0, "a finite number > 0"),
             ("exit_ratio", 0.0 < self.exit_ratio <= 1.0, "in (0, 1]"),
@@ -157,8 +165,9 @@ class ModelBundle:
         n = len(self.features)
         if n == 0 or len(set(self.features)) != n or not all(isinstance(f, str) and f for f in self.features):
             raise BundleError(f"features must be distinct non-empty strings, got {list(self.features)}")
+        stuck = self.config.stuck_after
         for what, size in (("model", self.model.n_features), ("scaler", len(self.scaler.mean)),
-                           ("scorer", self.scorer.n_features)):
+                           ("scorer", self.scorer.n_features), ("stuck_after", n if stuck is None else len(stuck))):
             if size != n:
                 raise BundleError(f"{what} expects {size} features, bundle lists {n}: {list(self.features)}")
         self.model.eval()

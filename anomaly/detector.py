@@ -35,7 +35,14 @@ from anomaly.episodes import EpisodePolicy
 from anomaly.errors import InvalidReadingError
 from anomaly.events import AnomalyEvent, ProcessResult, ReadingStatus
 from anomaly.readings import ReadingBatch
-from anomaly.scoring import decision_surprise, normalize_residuals, score_from_surprise, smooth_surprise
+from anomaly.scoring import (
+    MAX_SURPRISE,
+    decision_surprise,
+    normalize_residuals,
+    repeat_runs,
+    score_from_surprise,
+    smooth_surprise,
+)
 from anomaly.state import NO_TIMESTAMP, DeviceStateStore
 
 __all__ = ["StreamingDetector", "score_frame"]
@@ -188,10 +195,17 @@ class StreamingDetector:
         valid = np.arange(t_steps)[None, :] < lengths[:, None]
         scored = valid & (life >= cfg.warmup_steps)
         scorer = self.bundle.scorer
-        residual, ratio = normalize_residuals(raw - expected, scored, store.residual_ratio[slots],
+        stuck_cells = None
+        stuck = np.zeros_like(scored)
+        if cfg.stuck_after is not None:  # a forecaster follows a stuck value: count exact repeats instead
+            runs, store.repeat_run[slots] = repeat_runs(raw, valid, store.last_input[slots], store.repeat_run[slots])
+            stuck_cells = runs >= np.asarray(cfg.stuck_after, dtype=np.int16)
+            stuck = stuck_cells.any(axis=2) & scored
+        residual, ratio = normalize_residuals(raw - expected, scored & ~stuck, store.residual_ratio[slots],
                                               scorer.reference_var, cfg.scale_alpha)
         store.residual_ratio[slots] = ratio
         surprise = np.where(scored, scorer.surprise(residual), np.float32(0.0))
+        surprise = np.where(stuck, np.float32(MAX_SURPRISE), surprise)
         smoothed = smooth_surprise(surprise, scored, store.smoothed[slots], cfg.smoothing_alpha)
         decision = decision_surprise(smoothed, surprise, cfg.point_margin)
         episodes = self.policy.run(decision, scored, store.in_episode[slots], store.run_length[slots])
@@ -218,14 +232,19 @@ class StreamingDetector:
         ev_b, ev_t = np.nonzero(episodes.started | episodes.ended)
         if len(ev_b):
             self._emit(ev_b, ev_t, episodes.started, decision, residual, expected, start_pos, ts, rows, slots,
-                       batch, result)
+                       batch, result, stuck_cells)
 
     def _emit(self, ev_b: np.ndarray, ev_t: np.ndarray, started: np.ndarray, statistic: np.ndarray,
               residual: np.ndarray, expected: np.ndarray, start_pos: np.ndarray, ts: np.ndarray,
-              rows: np.ndarray, slots: np.ndarray, batch: ReadingBatch, result: ProcessResult) -> None:
+              rows: np.ndarray, slots: np.ndarray, batch: ReadingBatch, result: ProcessResult,
+              stuck_cells: np.ndarray | None) -> None:
         """Build events for the few (device, step) cells where an episode started or ended."""
         scaler, store = self.bundle.scaler, self.store
         contributions = self.bundle.scorer.contributions(residual[ev_b, ev_t])
+        if stuck_cells is not None:  # a stuck reading is explained by its stuck sensors, not its residual
+            cells = stuck_cells[ev_b, ev_t]
+            is_stuck = cells.any(axis=1)
+            contributions[is_stuck] = cells[is_stuck] / cells[is_stuck].sum(axis=1, keepdims=True)
         exp_units = scaler.inverse(expected[ev_b, ev_t])
         order = np.lexsort((ev_t, ev_b))
         for i in order:

@@ -41,6 +41,7 @@ __all__ = [
     "calibrate_threshold",
     "decision_surprise",
     "normalize_residuals",
+    "repeat_runs",
     "score_from_surprise",
     "smooth_surprise",
     "surprise_from_score",
@@ -283,6 +284,39 @@ def normalize_residuals(residual: np.ndarray, update: np.ndarray, ratio: np.ndar
         ok = update[:, t, None] & np.isfinite(r) & (np.abs(z) < PROTECT_Z * sd_ref)
         ratio = np.where(ok, np.clip((1 - a) * ratio + a * (r * r) / ref, lo, hi), ratio).astype(np.float32)
     return out, ratio
+
+
+def repeat_runs(values: np.ndarray, valid: np.ndarray, previous: np.ndarray,
+                run: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Consecutive readings in which each feature repeated its previous value exactly (a stuck sensor).
+
+    A forecaster follows a stuck value (its residuals stay small), so stuckness is counted directly.
+    A missing value (NaN) neither extends nor breaks a run.
+
+    Parameters
+    ----------
+    values : ``[B, T, F]`` readings (NaN = missing); valid : ``[B, T]`` steps that exist.
+    previous : ``[B, F]`` each device's last value before the first step; run : ``[B, F]`` runs so far.
+
+    Returns
+    -------
+    ``(runs after each step [B, T, F], runs after the last step [B, F])``.
+
+    >>> runs, last = repeat_runs(np.array([[[1.0], [1.0], [np.nan], [1.0], [2.0]]]), np.ones((1, 5), bool),
+    ...                          np.array([[1.0]]), np.zeros((1, 1), np.int16))
+    >>> runs[0, :, 0].tolist(), int(last[0, 0])
+    ([1, 2, 2, 3, 0], 0)
+    """
+    out = np.empty(values.shape, dtype=np.int16)
+    prev = np.asarray(previous, dtype=values.dtype).copy()
+    r = np.asarray(run, dtype=np.int16).copy()
+    for t in range(values.shape[1]):
+        v = values[:, t]
+        seen = valid[:, t, None] & ~np.isnan(v)
+        r = np.where(seen, np.where(v == prev, np.minimum(r + 1, np.iinfo(np.int16).max), 0), r).astype(np.int16)
+        prev = np.where(seen, v, prev)
+        out[:, t] = r
+    return out, r
 
 
 def decision_surprise(smoothed: np.ndarray, raw: np.ndarray, point_margin: float) -> np.ndarray:

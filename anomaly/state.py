@@ -10,7 +10,7 @@ scatters the result back.
 What it must not do: know about Kafka or partitions (``streams.changelog`` maps snapshots to
 topics), or score readings (``anomaly.detector`` does).
 
-Memory: ``2·L·H·4`` bytes of h/c plus ``12·F + 38`` bytes of scalars per slot, plus the id
+Memory: ``2·L·H·4`` bytes of h/c plus ``14·F + 33`` bytes of scalars per slot, plus the id
 dictionary. Capacity grows to the next power of two, so growth copies are amortised, never per step.
 """
 
@@ -59,6 +59,7 @@ class DeviceSnapshot:
     last_pred: np.ndarray  # [F]
     last_input: np.ndarray  # [F]
     residual_ratio: np.ndarray  # [F]
+    repeat_run: np.ndarray  # [F]
 
 
 class DeviceStateStore:
@@ -85,6 +86,8 @@ class DeviceStateStore:
     last_input : ``[C, F]`` float32, the last scaled input, used to fill missing features
     residual_ratio : ``[C, F]`` float32, the device's residual variance relative to the fleet's
     (see :func:`anomaly.scoring.normalize_residuals`); 1 for a new device
+    repeat_run : ``[C, F]`` int16, consecutive readings in which each feature repeated its previous
+    value exactly (a stuck sensor, see :func:`anomaly.scoring.repeat_runs`)
 
     Examples
     --------
@@ -121,6 +124,7 @@ class DeviceStateStore:
         self.last_pred = np.empty((0, n_features), dtype=np.float32)
         self.last_input = np.empty((0, n_features), dtype=np.float32)
         self.residual_ratio = np.empty((0, n_features), dtype=np.float32)
+        self.repeat_run = np.empty((0, n_features), dtype=np.int16)
         self._grow(capacity)
 
     # ------------------------------------------------------------------ slots
@@ -176,7 +180,7 @@ class DeviceStateStore:
 
         for name, fill in (("last_ts", NO_TIMESTAMP), ("steps", 0), ("smoothed", 0.0), ("in_episode", False),
                            ("run_length", 0), ("episode_start", 0), ("last_pred", 0.0), ("last_input", 0.0),
-                           ("residual_ratio", 1.0)):
+                           ("residual_ratio", 1.0), ("repeat_run", 0)):
             setattr(self, name, grow_np(getattr(self, name), fill))
         for name in ("h", "c"):
             t = getattr(self, name)
@@ -198,6 +202,7 @@ class DeviceStateStore:
         self.last_pred[slots] = 0.0
         self.last_input[slots] = 0.0
         self.residual_ratio[slots] = 1.0
+        self.repeat_run[slots] = 0
 
     def remove(self, device_ids: Iterable[str]) -> int:
         """Drop devices' state (e.g. their partition was revoked); returns how many were held."""
@@ -233,7 +238,7 @@ class DeviceStateStore:
     def nbytes(self) -> int:
         """Bytes held by the slabs (not counting the id dictionary)."""
         arrays = (self.last_ts, self.steps, self.smoothed, self.in_episode, self.run_length,
-                  self.episode_start, self.last_pred, self.last_input, self.residual_ratio)
+                  self.episode_start, self.last_pred, self.last_input, self.residual_ratio, self.repeat_run)
         return (self.h.element_size() * self.h.nelement() * 2) + sum(a.nbytes for a in arrays)
 
     # -------------------------------------------------------------- snapshots
@@ -248,8 +253,8 @@ class DeviceStateStore:
         h = self.h[:, idx].permute(1, 0, 2).contiguous().numpy()  # [n, L, H]
         c = self.c[:, idx].permute(1, 0, 2).contiguous().numpy()
         tail = np.concatenate([h.reshape(len(slots), -1), c.reshape(len(slots), -1),
-                               self.last_pred[slots], self.last_input[slots], self.residual_ratio[slots]],
-                              axis=1).astype("<f4")
+                               self.last_pred[slots], self.last_input[slots], self.residual_ratio[slots],
+                               self.repeat_run[slots]], axis=1).astype("<f4")
         version = self.model_version.encode()
         out = []
         for i, (device, slot) in enumerate(zip(device_ids, slots.tolist(), strict=True)):
@@ -281,7 +286,7 @@ class DeviceStateStore:
         (_, _, layers, hidden, feats, n_ver, n_dev, last_ts, steps, smoothed, in_ep, run_len,
          ep_start) = _HEADER.unpack_from(body)
         off = _HEADER.size
-        n_floats = 2 * layers * hidden + 3 * feats
+        n_floats = 2 * layers * hidden + 4 * feats
         if len(body) != off + n_ver + n_dev + 4 * n_floats:
             raise StateFormatError("snapshot length does not match its header")
         try:
@@ -296,7 +301,8 @@ class DeviceStateStore:
             in_episode=bool(in_ep), run_length=run_len, episode_start=ep_start,
             h=floats[:lh].reshape(layers, hidden), c=floats[lh:2 * lh].reshape(layers, hidden),
             last_pred=floats[2 * lh:2 * lh + feats], last_input=floats[2 * lh + feats:2 * lh + 2 * feats],
-            residual_ratio=floats[2 * lh + 2 * feats:])
+            residual_ratio=floats[2 * lh + 2 * feats:2 * lh + 3 * feats],
+            repeat_run=floats[2 * lh + 3 * feats:].astype(np.int16))
 
     def restore(self, data: bytes) -> str:
         """Load one snapshot into this store (overwriting that device's state); returns the device id.
@@ -327,6 +333,7 @@ class DeviceStateStore:
         self.last_pred[slots] = np.stack([s.last_pred for s in snaps])
         self.last_input[slots] = np.stack([s.last_input for s in snaps])
         self.residual_ratio[slots] = np.stack([s.residual_ratio for s in snaps])
+        self.repeat_run[slots] = np.stack([s.repeat_run for s in snaps])
 
     def check_compatible(self, snap: DeviceSnapshot) -> None:
         """Raise :class:`StateModelMismatchError` unless ``snap`` fits this store (model version and shape)."""

@@ -301,6 +301,7 @@ def _fit(frame: pd.DataFrame, features: Sequence[str], time_col: str, device_col
     model.eval()
 
     scorer, threshold = _calibrate(model, [scaled[d] for d in usable], [splits[d] for d in usable], det)
+    stuck_after = det.stuck_after or _stuck_limits([series[d][1] for d in usable])
     summary = {
         "rows": n_rows, "devices": len(devices), "devices_used": len(usable),
         "time_range": [int(min(series[d][0][0] for d in usable)), int(max(series[d][0][-1] for d in usable))],
@@ -311,8 +312,25 @@ def _fit(frame: pd.DataFrame, features: Sequence[str], time_col: str, device_col
     logger.info("trained %s v%s on %d rows in %.1f s (best held-out loss %.5f)", name, version, n_rows,
                 summary["seconds"], best_loss)
     return ModelBundle(name=name, version=version, features=tuple(features), scaler=scaler, model=model,
-                       scorer=scorer, config=replace(det, threshold=threshold, nominal_interval_ms=interval),
+                       scorer=scorer,
+                       config=replace(det, threshold=threshold, nominal_interval_ms=interval, stuck_after=stuck_after),
                        training=summary)
+
+
+def _stuck_limits(series: list[np.ndarray]) -> tuple[int, ...]:
+    """Per feature, more exact repeats in a row than normal data ever showed: ``max(5, 2 * longest + 1)``.
+
+    A feature that is constant in normal data gets a limit it never reaches in practice.
+    """
+    longest = np.zeros(series[0].shape[1], dtype=np.int64)
+    for values in series:
+        same = values[1:] == values[:-1]  # [T-1, F]
+        for f in range(same.shape[1]):
+            flags = np.r_[False, same[:, f], False].astype(np.int8)
+            edges = np.flatnonzero(np.diff(flags))
+            if len(edges):
+                longest[f] = max(longest[f], int((edges[1::2] - edges[::2]).max()))
+    return tuple(int(min(max(5, 2 * n + 1), np.iinfo(np.int16).max)) for n in longest)
 
 
 def _validation_loss(model: LSTMForecaster, series: list[np.ndarray], splits: list[int]) -> float:
