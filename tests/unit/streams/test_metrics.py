@@ -82,7 +82,7 @@ def test_known_label_values_exist_at_zero_before_any_observation(metrics: Servic
 
 
 def test_label_values_come_from_the_detector_and_the_codec() -> None:
-    assert READING_OUTCOMES == ("scored", "warmup", "duplicate", "out_of_order", "invalid")
+    assert READING_OUTCOMES == ("scored", "warmup", "duplicate", "out_of_order", "empty", "invalid")
     assert set(DEAD_LETTER_REASONS) == {r.value for r in DeadLetterReason}
     assert {"invalid_json", "missing_field", "non_finite_value", "key_mismatch"} <= set(DEAD_LETTER_REASONS)
 
@@ -342,7 +342,7 @@ def test_metrics_endpoint_serves_parseable_text(server: MetricsServer, metrics: 
     families = {f.name: f for f in text_string_to_metric_families(body)}
     readings = {s.labels["outcome"]: s.value for s in families["sensor_anomaly_readings"].samples
                 if s.name == "sensor_anomaly_readings_total"}  # fmt: skip
-    assert readings == {"scored": 2.0, "warmup": 0.0, "duplicate": 0.0, "out_of_order": 0.0, "invalid": 0.0}
+    assert readings == {"scored": 2.0, "warmup": 0.0, "duplicate": 0.0, "out_of_order": 0.0, "empty": 0.0, "invalid": 0.0}
     score = {
         s.labels.get("le"): s.value for s in families["sensor_anomaly_score"].samples if s.name.endswith("_bucket")
     }
