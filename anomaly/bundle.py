@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as deserialize_tensors
 from safetensors.torch import save as serialize_tensors
 
+from anomaly.adaptation import NoveltyConfig
 from anomaly.errors import BundleError
 from anomaly.model import LSTMForecaster
 from anomaly.scoring import NormalErrorModel
@@ -69,6 +70,14 @@ class Scaler:
         return (scaled * self.scale + self.mean).astype(np.float32)
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class DetectorConfig:
     """How the streaming detector turns scores into decisions (all recalibratable without retraining).
@@ -90,6 +99,13 @@ class DetectorConfig:
     gap_policy : ``"reset"`` zeroes a device's state after a gap (it warms up again); ``"carry"`` goes on.
     gap_factor, nominal_interval_ms : a gap is longer than ``gap_factor * nominal_interval_ms``.
     false_alarm_rate : the rate of normal readings above ``threshold`` that calibration aimed for.
+    episode_rule : what opens and closes episodes. ``"threshold"``: the smoothed surprise of the
+        device's scaled residual against ``threshold`` (with the hysteresis above). ``"novelty"``: the
+        device's own novelty records (:mod:`anomaly.adaptation`), fed the surprise of the *unscaled*
+        residual; then ``scores`` are novelty alert scores and the threshold is ``1 - 1/(1 + novelty_tolerance)``.
+    novelty_alphas, novelty_tolerance, novelty_half_life, novelty_refractory, novelty_learn_readings,
+    novelty_value_range : the novelty rule's settings (see :class:`anomaly.adaptation.NoveltyConfig`;
+        ``cooldown`` above ends its episodes); ignored by the threshold rule.
     """
 
     threshold: float = 4.0
@@ -105,8 +121,17 @@ class DetectorConfig:
     gap_factor: float = 10.0
     nominal_interval_ms: int = 1000
     false_alarm_rate: float = 1e-4
+    episode_rule: Literal["threshold", "novelty"] = "threshold"
+    novelty_alphas: tuple[float, ...] = (0.3, 0.1)
+    novelty_tolerance: float = 0.05
+    novelty_half_life: float = 20_000.0
+    novelty_refractory: int = 100
+    novelty_learn_readings: int = 100
+    novelty_value_range: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.novelty_alphas, (list, tuple)):  # JSON gives a list
+            object.__setattr__(self, "novelty_alphas", tuple(self.novelty_alphas))
         if self.stuck_after is not None:
             object.__setattr__(self, "stuck_after", tuple(self.stuck_after))
             if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in self.stuck_after):
@@ -125,10 +150,31 @@ class DetectorConfig:
             ("nominal_interval_ms", isinstance(self.nominal_interval_ms, int) and self.nominal_interval_ms > 0,
              "an integer > 0"),
             ("false_alarm_rate", 0.0 < self.false_alarm_rate < 1.0, "in (0, 1)"),
+            ("episode_rule", self.episode_rule in ("threshold", "novelty"), "'threshold' or 'novelty'"),
+            ("novelty_alphas", isinstance(self.novelty_alphas, tuple) and len(self.novelty_alphas) >= 1
+             and all(_is_number(a) and 0.0 < a <= 1.0 for a in self.novelty_alphas),
+             "a non-empty list of numbers in (0, 1]"),
+            ("novelty_tolerance", _is_number(self.novelty_tolerance) and math.isfinite(self.novelty_tolerance)
+             and self.novelty_tolerance > 0, "a finite number > 0"),
+            ("novelty_half_life", _is_number(self.novelty_half_life) and self.novelty_half_life > 0,
+             "a number of readings > 0 (a very large one: records barely decay)"),
+            ("novelty_refractory", _is_int(self.novelty_refractory) and self.novelty_refractory >= 0,
+             "an integer >= 0"),
+            ("novelty_learn_readings", _is_int(self.novelty_learn_readings) and self.novelty_learn_readings >= 0,
+             "an integer >= 0"),
+            ("novelty_value_range", isinstance(self.novelty_value_range, bool), "true or false"),
         ]
         for name, ok, rule in checks:
             if not ok:
                 raise ValueError(f"detector setting {name}={getattr(self, name)!r} must be {rule}")
+
+    @property
+    def novelty(self) -> NoveltyConfig:
+        """The novelty rule's settings as :class:`~anomaly.adaptation.NoveltyConfig`."""
+        return NoveltyConfig(alphas=self.novelty_alphas, tolerance=self.novelty_tolerance,
+                             half_life=self.novelty_half_life, refractory=self.novelty_refractory,
+                             cooldown=self.cooldown, learn_readings=self.novelty_learn_readings,
+                             value_range=self.novelty_value_range)
 
     @property
     def gap_ms(self) -> int:

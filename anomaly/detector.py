@@ -13,6 +13,19 @@ One call's path (B devices in the call, T the most readings of one device, F fea
     → residual = actual - forecast, over the device's own residual scale → surprise → smoothed
     surprise → decision statistic → episodes → events
 
+Two episode rules (``DetectorConfig.episode_rule``), both on this one path:
+
+- ``"threshold"``: the decision statistic against the calibrated threshold, with hysteresis
+  (:class:`~anomaly.episodes.EpisodePolicy`); ``scores`` are that statistic in [0, 1].
+- ``"novelty"``: per-device novelty records (:mod:`anomaly.adaptation`, kept in the state store's
+  slabs) are fed the surprise of the *unscaled* residual (``actual - forecast`` against the training
+  error model, not over the device's running residual scale: that scale absorbs a sustained shift
+  within ~50 readings, which is exactly what should stay visible) and the scaled values; an alert is a
+  record beaten by ``novelty_tolerance``, an episode opens on a beaten error record and closes when the
+  slow error average is back within it. ``scores`` are the novelty alert scores, ``score_threshold``
+  the novelty threshold, ``alerts`` the novelty alerts. A stuck sensor's reading gets the maximum
+  surprise under both rules.
+
 Cost per call: one LSTM forward pass over [B, T, F], O(N log N) numpy for grouping, and T
 vectorised steps of smoothing/episode logic; Python per device only where devices are new
 (dictionary insert) and per event. A gap longer than ``gap_factor`` nominal intervals inside one
@@ -30,6 +43,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from anomaly.adaptation import novelty_step
 from anomaly.bundle import ModelBundle
 from anomaly.episodes import EpisodePolicy
 from anomaly.errors import InvalidReadingError
@@ -82,12 +96,17 @@ class StreamingDetector:
         self.config = bundle.config
         self.model = bundle.model.eval()
         self.features = bundle.features
+        self.novelty_config = self.config.novelty if self.config.episode_rule == "novelty" else None
         self.store = DeviceStateStore(self.model.num_layers, self.model.hidden_size, len(self.features),
-                                      model_version=bundle.version, capacity=capacity)
+                                      model_version=bundle.version, capacity=capacity,
+                                      novelty_alphas=len(self.config.novelty_alphas) if self.novelty_config else 0)
         self.policy = EpisodePolicy(enter=self.config.threshold,
                                     exit=self.config.threshold * self.config.exit_ratio,
                                     min_duration=self.config.min_duration, cooldown=self.config.cooldown)
-        self.score_threshold = float(score_from_surprise(self.config.threshold))
+        if self.novelty_config is not None:
+            self.score_threshold = float(np.float32(self.novelty_config.threshold))
+        else:
+            self.score_threshold = float(score_from_surprise(self.config.threshold))
 
     @property
     def model_version(self) -> str:
@@ -167,7 +186,7 @@ class StreamingDetector:
         if reset.any():
             self._close_on_reset(np.flatnonzero(reset & store.in_episode[slots]), slots, start_pos, ts, rows,
                                  batch, result)
-            store.reset(slots[reset])
+            store.reset(slots[reset], keep_novelty=True)
 
         raw = np.full((b, t_steps, f), np.nan, dtype=np.float32)
         # clipped so that an absurd (but finite) value cannot overflow the network's state
@@ -208,37 +227,63 @@ class StreamingDetector:
         surprise = np.where(stuck, np.float32(MAX_SURPRISE), surprise)
         smoothed = smooth_surprise(surprise, scored, store.smoothed[slots], cfg.smoothing_alpha)
         decision = decision_surprise(smoothed, surprise, cfg.point_margin)
-        episodes = self.policy.run(decision, scored, store.in_episode[slots], store.run_length[slots])
+        if self.novelty_config is not None:
+            before = store.in_episode[slots]
+            absolute = np.where(scored, scorer.surprise(raw - expected), np.float32(0.0))
+            absolute = np.where(stuck, np.float32(MAX_SURPRISE), absolute)
+            records = store.novelty.take(slots)  # type: ignore[union-attr]
+            nov = novelty_step(self.novelty_config, records, before, store.run_length[slots], absolute, raw, scored)
+            store.novelty.put(slots, records)  # type: ignore[union-attr]
+            previous = np.concatenate([before[:, None], nov.anomalous[:, :-1]], axis=1)
+            started, ended = nov.anomalous & ~previous, previous & ~nov.anomalous
+            in_episode = nov.anomalous
+            final_in_episode, final_run = nov.in_episode, nov.calm_run.astype(np.int32)
+            score_bt = nov.alert_score
+            event_score = nov.novelty
+        else:
+            episodes = self.policy.run(decision, scored, store.in_episode[slots], store.run_length[slots])
+            started, ended, in_episode = episodes.started, episodes.ended, episodes.in_episode
+            final_in_episode, final_run = episodes.final_in_episode, episodes.final_run_length
+            score_bt = event_score = score_from_surprise(decision)
 
         last = lengths - 1
         arange_b = np.arange(b)
         store.steps[slots] += lengths
         store.last_ts[slots] = ts[start_pos + last]
         store.smoothed[slots] = smoothed[:, -1]
-        store.in_episode[slots] = episodes.final_in_episode
-        store.run_length[slots] = episodes.final_run_length
+        store.in_episode[slots] = final_in_episode
+        store.run_length[slots] = final_run
         store.last_pred[slots] = pred[arange_b, last]
         store.last_input[slots] = x[arange_b, last]
 
         is_scored = scored[group, k]
         result.status[rows[~is_scored]] = ReadingStatus.WARMUP
-        result.scores[rows] = np.where(is_scored, score_from_surprise(decision[group, k]), np.nan)
+        result.scores[rows] = np.where(is_scored, score_bt[group, k], np.nan)
         result.raw_scores[rows] = np.where(is_scored, score_from_surprise(surprise[group, k]), np.nan)
-        result.anomalous[rows] = episodes.in_episode[group, k]
+        result.anomalous[rows] = in_episode[group, k]
+        if self.novelty_config is not None:
+            result.novelty[rows] = np.where(is_scored, nov.novelty[group, k], np.nan)
+            result.alerts[rows] = nov.alerts[group, k]
+        else:
+            result.alerts[rows] = started[group, k]
         exp_units = scaler.inverse(expected[group, k])
         exp_units[life[group, k] == 0] = np.nan
         result.expected[rows] = exp_units
 
-        ev_b, ev_t = np.nonzero(episodes.started | episodes.ended)
+        ev_b, ev_t = np.nonzero(started | ended)
         if len(ev_b):
-            self._emit(ev_b, ev_t, episodes.started, decision, residual, expected, start_pos, ts, rows, slots,
+            self._emit(ev_b, ev_t, started, event_score, residual, expected, start_pos, ts, rows, slots,
                        batch, result, stuck_cells)
 
-    def _emit(self, ev_b: np.ndarray, ev_t: np.ndarray, started: np.ndarray, statistic: np.ndarray,
+    def _emit(self, ev_b: np.ndarray, ev_t: np.ndarray, started: np.ndarray, event_score: np.ndarray,
               residual: np.ndarray, expected: np.ndarray, start_pos: np.ndarray, ts: np.ndarray,
               rows: np.ndarray, slots: np.ndarray, batch: ReadingBatch, result: ProcessResult,
               stuck_cells: np.ndarray | None) -> None:
-        """Build events for the few (device, step) cells where an episode started or ended."""
+        """Build events for the few (device, step) cells where an episode started or ended.
+
+        ``event_score`` ``[B, T]``: the score an event carries, in [0, 1] (the threshold rule's statistic,
+        or the novelty rule's uncapped novelty).
+        """
         scaler, store = self.bundle.scaler, self.store
         contributions = self.bundle.scorer.contributions(residual[ev_b, ev_t])
         if stuck_cells is not None:  # a stuck reading is explained by its stuck sensors, not its residual
@@ -256,7 +301,7 @@ class StreamingDetector:
                 store.episode_start[slots[bi]] = ts[pos]
             result.events.append(AnomalyEvent(
                 device_id=str(batch.device_ids[row]), ts_ms=int(ts[pos]), kind=kind,
-                score=float(score_from_surprise(statistic[bi, ti])), threshold=self.score_threshold,
+                score=float(event_score[bi, ti]), threshold=self.score_threshold,
                 expected=self._named(exp_units[i]), actual=self._named(batch.values[row]),
                 contributions=self._named(contributions[i]), model_name=self.bundle.name,
                 model_version=self.bundle.version, row=row,

@@ -4,9 +4,10 @@ Why it exists: detection-quality numbers must come from the code the service run
 benchmark's rules, with one set of hyperparameters for every file, so that they can be compared with
 published ones and reproduced by one command. For every file this module trains a model on the
 normal data the benchmark allows, streams the file in order through
-:meth:`anomaly.detector.StreamingDetector.process` (wrapped by :class:`~anomaly.adaptation.AdaptiveDetector`
-for the novelty alerts), writes the per-row results and a plot, and finally scores them with
-:mod:`anomaly.evaluate`. River's ``HalfSpaceTrees`` runs through the same loop as a peer baseline.
+:meth:`anomaly.detector.StreamingDetector.process` with the bundle's ``episode_rule="novelty"`` (the
+novelty alerts of :mod:`anomaly.adaptation`, inside the detector: the path ``serve`` runs for such a
+bundle), writes the per-row results and a plot, and finally scores them
+with :mod:`anomaly.evaluate`. River's ``HalfSpaceTrees`` runs through the same loop as a peer baseline.
 
 Benchmark rules as applied here:
 
@@ -43,7 +44,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from anomaly.adaptation import AdaptiveDetector, NoveltyConfig
+from anomaly.adaptation import NoveltyConfig
 from anomaly.bundle import DetectorConfig, ModelBundle
 from anomaly.datasets import (
     SKAB_FEATURES,
@@ -102,10 +103,12 @@ class EvalSettings:
         part is ``max(0.25, min_val_rows / rows)`` (NAB's shortest probationary period is 186 rows).
     seed : training seed.
     chunk_rows : readings per :meth:`StreamingDetector.process` call when streaming a file.
-    novelty : the novelty channels (see :mod:`anomaly.adaptation`).
-    score_source : ``"novelty"`` (what ``ours`` ships) or ``"detector"``: the detector's own statistic
-        and episode flag, for comparison (on NAB written as ``statistic / (2 * calibrated threshold)``,
-        so that the fixed threshold 0.5 is each file's calibrated one).
+    novelty : the novelty rule's settings (see :mod:`anomaly.adaptation`), written into every trained
+        bundle's :class:`~anomaly.bundle.DetectorConfig` (``novelty_*``, and ``cooldown``).
+    score_source : ``"novelty"`` (what ``ours`` ships: the bundle's ``episode_rule="novelty"``) or
+        ``"detector"``: ``episode_rule="threshold"``, the detector's own statistic and episode flag, for
+        comparison (on NAB written as ``statistic / (2 * calibrated threshold)``, so that the fixed
+        threshold 0.5 is each file's calibrated one).
     skab_train_rows : rows at the start of each SKAB file used for training and never scored.
     river_quantile : River's SKAB threshold, the quantile of its scores on the training rows (it ships
         none; ours needs none: its alerts are relative to each device's own records).
@@ -118,7 +121,7 @@ class EvalSettings:
     min_val_rows: int = 70
     seed: int = 0
     chunk_rows: int = 256
-    novelty: NoveltyConfig = field(default_factory=lambda: NoveltyConfig(state_range=False))
+    novelty: NoveltyConfig = field(default_factory=NoveltyConfig)
     score_source: Literal["novelty", "detector"] = "novelty"
     skab_train_rows: int = 400
     river_quantile: float = 0.99
@@ -139,6 +142,14 @@ class EvalSettings:
         out["novelty"]["alphas"] = list(self.novelty.alphas)
         return out
 
+    def detector_config(self) -> DetectorConfig:
+        """The detector settings every trained bundle starts from (``fit`` calibrates the rest)."""
+        n = self.novelty
+        return DetectorConfig(episode_rule="novelty" if self.score_source == "novelty" else "threshold",
+                              cooldown=n.cooldown, novelty_alphas=n.alphas, novelty_tolerance=n.tolerance,
+                              novelty_half_life=n.half_life, novelty_refractory=n.refractory,
+                              novelty_learn_readings=n.learn_readings, novelty_value_range=n.value_range)
+
 
 # ----------------------------------------------------------------------------------------- helpers
 
@@ -155,8 +166,9 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 def _train(frame: pd.DataFrame, features: Sequence[str], time_col: str, settings: EvalSettings,
-           detector: DetectorConfig, name: str) -> ModelBundle:
+           name: str) -> ModelBundle:
     rows = len(frame)
+    detector = settings.detector_config()
     val_fraction = min(0.5, max(0.25, settings.min_val_rows / max(rows, 1)))
     try:
         return fit(frame, list(features), time_col=time_col, hidden_size=settings.hidden_size,
@@ -176,35 +188,29 @@ def _batch(frame: pd.DataFrame, features: Sequence[str], time_col: str) -> Readi
 class _Streamed:
     """Per-row outputs of streaming one file (N rows), 0/False where a reading was not scored."""
 
-    score: np.ndarray  # [N] float64 the detector's own score in [0, 1]
-    novelty: np.ndarray  # [N] float64 novelty score in [0, 1)
-    alert_score: np.ndarray  # [N] float64 novelty capped where the device may not alert
-    alerts: np.ndarray  # [N] bool novelty alerts (episode starts)
-    anomalous: np.ndarray  # [N] bool inside a novelty episode
+    score: np.ndarray  # [N] float64 ProcessResult.scores in [0, 1] (novelty rule: the alert score)
+    novelty: np.ndarray  # [N] float64 novelty score in [0, 1) (0 under the threshold rule)
+    alerts: np.ndarray  # [N] bool alerts
+    anomalous: np.ndarray  # [N] bool inside an episode
     status: np.ndarray  # [N] int8 ReadingStatus
-    detector_anomalous: np.ndarray  # [N] bool inside one of the detector's own episodes
 
 
 def _stream(bundle: ModelBundle, frame: pd.DataFrame, features: Sequence[str], time_col: str,
             settings: EvalSettings) -> _Streamed:
     """Feed ``frame`` in order, ``chunk_rows`` at a time, through the service's detector path."""
-    det = AdaptiveDetector(StreamingDetector(bundle, capacity=4), settings.novelty)
+    det = StreamingDetector(bundle, capacity=4)
     batch = _batch(frame, features, time_col)
     n = len(batch)
-    score, novelty, alert_score = np.zeros(n), np.zeros(n), np.zeros(n)
-    anomalous, alerts, own = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    score, novelty = np.zeros(n), np.zeros(n)
+    anomalous, alerts = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
     status = np.zeros(n, dtype=np.int8)
-    try:
-        for start in range(0, n, settings.chunk_rows):
-            rows = np.arange(start, min(n, start + settings.chunk_rows))
-            out = det.process(batch.take(rows))
-            score[rows] = np.nan_to_num(out.result.scores.astype(np.float64), nan=0.0)
-            status[rows], own[rows] = out.result.status, out.result.anomalous
-            novelty[rows], alert_score[rows] = out.novelty, out.alert_score
-            alerts[rows], anomalous[rows] = out.alerts, out.anomalous
-    finally:
-        det.close()
-    return _Streamed(score, novelty, alert_score, alerts, anomalous, status, own)
+    for start in range(0, n, settings.chunk_rows):
+        rows = np.arange(start, min(n, start + settings.chunk_rows))
+        out = det.process(batch.take(rows))
+        score[rows] = np.nan_to_num(out.scores.astype(np.float64), nan=0.0)
+        novelty[rows] = np.nan_to_num(out.novelty.astype(np.float64), nan=0.0)
+        status[rows], anomalous[rows], alerts[rows] = out.status, out.anomalous, out.alerts
+    return _Streamed(score, novelty, alerts, anomalous, status)
 
 
 def _save_plot(path: Path, **fields: Any) -> None:
@@ -272,16 +278,16 @@ class NabRun:
 def _nab_ours(file: NabFile, settings: EvalSettings) -> tuple[np.ndarray, np.ndarray, float]:
     n = len(file.frame)
     probation = int(probation_length(n))
-    bundle = _train(file.frame.iloc[:probation], ["value"], "timestamp", settings, DetectorConfig(), file.key)
+    bundle = _train(file.frame.iloc[:probation], ["value"], "timestamp", settings, file.key)
     streamed = _stream(bundle, file.frame, ["value"], "timestamp", settings)
     if settings.score_source == "detector":
         # each file has its own calibrated threshold; NAB takes one for the corpus, so the statistic is
         # written relative to it: 0.5 is the file's threshold (float32 scores resolve surprise to ~7)
         score = np.minimum(streamed.score, np.nextafter(np.float32(1), np.float32(0)))
         relative = np.minimum(1.0, -np.log10(1.0 - score) / (2.0 * bundle.config.threshold))
-        own = streamed.detector_anomalous
-        return relative, own & ~np.r_[False, own[:-1]], 0.5
-    return streamed.alert_score, streamed.alerts, settings.novelty.threshold
+        return relative, streamed.alerts, 0.5
+    # the float32 scores of a reading at the threshold are >= the float32 threshold (rounding is monotone)
+    return streamed.score, streamed.alerts, float(np.float32(bundle.config.novelty.threshold))
 
 
 def _nab_river(file: NabFile) -> tuple[np.ndarray, np.ndarray, None]:
@@ -413,13 +419,12 @@ class SkabRun:
 def _skab_ours(file: SkabFile, settings: EvalSettings) -> tuple[np.ndarray, np.ndarray, float]:
     features = list(SKAB_FEATURES)
     train = settings.skab_train_rows
-    bundle = _train(file.frame.iloc[:train], features, SKAB_TIME_COLUMN, settings, DetectorConfig(),
-                    f"{file.group}/{file.name}")
+    bundle = _train(file.frame.iloc[:train], features, SKAB_TIME_COLUMN, settings, f"{file.group}/{file.name}")
     streamed = _stream(bundle, file.frame, features, SKAB_TIME_COLUMN, settings)
     if settings.score_source == "detector":
-        return (streamed.score[train:], streamed.detector_anomalous[train:].astype(np.int8),
+        return (streamed.score[train:], streamed.anomalous[train:].astype(np.int8),
                 float(score_from_surprise(bundle.config.threshold)))
-    return streamed.novelty[train:], streamed.anomalous[train:].astype(np.int8), settings.novelty.threshold
+    return streamed.novelty[train:], streamed.anomalous[train:].astype(np.int8), bundle.config.novelty.threshold
 
 
 def _skab_river(file: SkabFile, settings: EvalSettings) -> tuple[np.ndarray, np.ndarray, float]:

@@ -73,7 +73,10 @@ class ProcessResult:
     Attributes
     ----------
     scores : numpy.ndarray
-        [N] float32 smoothed anomaly score in [0, 1]; NaN where the reading was not scored.
+        [N] float32 anomaly score in [0, 1]; NaN where the reading was not scored. Under the threshold
+        episode rule: the decision statistic (smoothed surprise) as ``1 - 10**-surprise``. Under the
+        novelty rule: the novelty *alert* score (the novelty, capped below the threshold while the
+        device is refractory), so ``scores >= threshold`` exactly where the detector alerts.
     raw_scores : numpy.ndarray
         [N] float32 unsmoothed score of the reading alone (calibrated tail probability); NaN if not scored.
     status : numpy.ndarray
@@ -87,6 +90,13 @@ class ProcessResult:
         Episode starts and ends, in processing order.
     gap_resets : int
         Devices whose state was reset because of a gap longer than the configured limit.
+    novelty : numpy.ndarray
+        [N] float32 novelty score in [0, 1) (see :mod:`anomaly.adaptation`) under the novelty rule,
+        uncapped; NaN where not scored and everywhere under the threshold rule.
+    alerts : numpy.ndarray
+        [N] bool, readings that raise an alert (a page): novelty alerts under the novelty rule (which
+        need not open an episode: a value leaving its range alerts without one), episode starts under
+        the threshold rule.
     """
 
     scores: np.ndarray
@@ -96,6 +106,15 @@ class ProcessResult:
     expected: np.ndarray
     events: list[AnomalyEvent] = field(default_factory=list)
     gap_resets: int = 0
+    novelty: np.ndarray = None  # type: ignore[assignment]  # filled in __post_init__
+    alerts: np.ndarray = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        n = len(self.scores)
+        if self.novelty is None:
+            self.novelty = np.full(n, np.nan, dtype=np.float32)
+        if self.alerts is None:
+            self.alerts = np.zeros(n, dtype=bool)
 
     def counts(self) -> dict[str, int]:
         """Readings per outcome, keyed by :attr:`ReadingStatus.label`."""

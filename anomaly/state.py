@@ -11,7 +11,9 @@ What it must not do: know about Kafka or partitions (``streams.changelog`` maps 
 topics), or score readings (``anomaly.detector`` does).
 
 Memory: ``2·L·H·4`` bytes of h/c plus ``14·F + 33`` bytes of scalars per slot, plus the id
-dictionary. Capacity grows to the next power of two, so growth copies are amortised, never per step.
+dictionary; a store made for the novelty episode rule (``novelty_alphas`` > 0) adds the novelty records,
+``16·A + 16·F + 24`` bytes per slot (:class:`anomaly.adaptation.NoveltyRecords`).
+Capacity grows to the next power of two, so growth copies are amortised, never per step.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from anomaly.adaptation import NoveltyRecords
 from anomaly.errors import StateFormatError, StateModelMismatchError
 
 __all__ = ["NO_TIMESTAMP", "DeviceSnapshot", "DeviceStateStore"]
@@ -35,10 +38,14 @@ NO_TIMESTAMP = np.iinfo(np.int64).min
 """``last_ts`` of a slot that has seen no reading yet."""
 
 _MAGIC = b"SADS"
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
+_READABLE_VERSIONS = (2, 3)
 # magic, format version, L, H, F, len(model_version), len(device_id),
 # last_ts, steps, smoothed, in_episode, run_length, episode_start
 _HEADER = struct.Struct("<4sBHIHHHqqfBiq")
+# version 3 appends: A (novelty time scales, 0: no novelty records), then A > 0:
+# float64 [2A + 2F + 1] (ema, err_record, val_hi, val_lo, entry_level), int64 [2] (seen, since_alert)
+_NOVELTY_COUNT = struct.Struct("<B")
 _CRC = struct.Struct("<I")
 
 
@@ -60,6 +67,7 @@ class DeviceSnapshot:
     last_input: np.ndarray  # [F]
     residual_ratio: np.ndarray  # [F]
     repeat_run: np.ndarray  # [F]
+    novelty: NoveltyRecords | None = None  # one row; None: the snapshot carries no novelty records
 
 
 class DeviceStateStore:
@@ -88,6 +96,9 @@ class DeviceStateStore:
     (see :func:`anomaly.scoring.normalize_residuals`); 1 for a new device
     repeat_run : ``[C, F]`` int16, consecutive readings in which each feature repeated its previous
     value exactly (a stuck sensor, see :func:`anomaly.scoring.repeat_runs`)
+    novelty : :class:`~anomaly.adaptation.NoveltyRecords` of C slots, or ``None`` unless the store was
+    made with ``novelty_alphas`` > 0 (the novelty episode rule). A gap reset keeps them (they are what
+    the device has done, not its network state); a new, removed or evicted device starts empty.
 
     Examples
     --------
@@ -102,7 +113,7 @@ class DeviceStateStore:
     """
 
     def __init__(self, num_layers: int, hidden_size: int, n_features: int, model_version: str = "",
-                 capacity: int = 1024):
+                 capacity: int = 1024, novelty_alphas: int = 0):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.num_layers = num_layers
@@ -125,6 +136,9 @@ class DeviceStateStore:
         self.last_input = np.empty((0, n_features), dtype=np.float32)
         self.residual_ratio = np.empty((0, n_features), dtype=np.float32)
         self.repeat_run = np.empty((0, n_features), dtype=np.int16)
+        if not 0 <= novelty_alphas <= 255:
+            raise ValueError(f"novelty_alphas must be in [0, 255], got {novelty_alphas}")
+        self.novelty = NoveltyRecords.empty(0, novelty_alphas, n_features) if novelty_alphas else None
         self._grow(capacity)
 
     # ------------------------------------------------------------------ slots
@@ -187,10 +201,15 @@ class DeviceStateStore:
             out = torch.zeros(self.num_layers, capacity, self.hidden_size)
             out[:, :old] = t
             setattr(self, name, out)
+        if self.novelty is not None:
+            self.novelty = self.novelty.grown(capacity)
         self.capacity = capacity
 
-    def reset(self, slots: np.ndarray) -> None:
-        """Zero the state of ``slots`` (a new device, or one restarting after a gap); keeps ``last_ts``."""
+    def reset(self, slots: np.ndarray, keep_novelty: bool = False) -> None:
+        """Zero the state of ``slots`` (a new device, or one restarting after a gap); keeps ``last_ts``.
+
+        ``keep_novelty``: keep the novelty records (a gap reset restarts the network, not the history).
+        """
         idx = torch.as_tensor(slots, dtype=torch.long)
         self.h[:, idx] = 0.0
         self.c[:, idx] = 0.0
@@ -203,6 +222,8 @@ class DeviceStateStore:
         self.last_input[slots] = 0.0
         self.residual_ratio[slots] = 1.0
         self.repeat_run[slots] = 0
+        if self.novelty is not None and not keep_novelty:
+            self.novelty.reset(slots)
 
     def remove(self, device_ids: Iterable[str]) -> int:
         """Drop devices' state (e.g. their partition was revoked); returns how many were held."""
@@ -239,7 +260,8 @@ class DeviceStateStore:
         """Bytes held by the slabs (not counting the id dictionary)."""
         arrays = (self.last_ts, self.steps, self.smoothed, self.in_episode, self.run_length,
                   self.episode_start, self.last_pred, self.last_input, self.residual_ratio, self.repeat_run)
-        return (self.h.element_size() * self.h.nelement() * 2) + sum(a.nbytes for a in arrays)
+        novelty = self.novelty.nbytes() if self.novelty is not None else 0
+        return (self.h.element_size() * self.h.nelement() * 2) + sum(a.nbytes for a in arrays) + novelty
 
     # -------------------------------------------------------------- snapshots
     def snapshot(self, device_id: str) -> bytes:
@@ -256,6 +278,13 @@ class DeviceStateStore:
                                self.last_pred[slots], self.last_input[slots], self.residual_ratio[slots],
                                self.repeat_run[slots]], axis=1).astype("<f4")
         version = self.model_version.encode()
+        if self.novelty is None:
+            novelty = [_NOVELTY_COUNT.pack(0)] * len(slots)
+        else:
+            floats, ints = self.novelty.take(slots).to_arrays()
+            count = _NOVELTY_COUNT.pack(self.novelty.n_alphas)
+            floats, ints = floats.astype("<f8"), ints.astype("<i8")
+            novelty = [count + floats[i].tobytes() + ints[i].tobytes() for i in range(len(slots))]
         out = []
         for i, (device, slot) in enumerate(zip(device_ids, slots.tolist(), strict=True)):
             dev = device.encode()
@@ -264,7 +293,7 @@ class DeviceStateStore:
                              len(version), len(dev), int(self.last_ts[slot]), int(self.steps[slot]),
                              float(self.smoothed[slot]), bool(self.in_episode[slot]),
                              int(self.run_length[slot]), int(self.episode_start[slot])),
-                version, dev, tail[i].tobytes()))
+                version, dev, tail[i].tobytes(), novelty[i]))
             out.append(body + _CRC.pack(zlib.crc32(body)))
         return out
 
@@ -278,8 +307,8 @@ class DeviceStateStore:
             raise StateFormatError(f"snapshot too short ({len(data)} bytes)")
         if data[:4] != _MAGIC:
             raise StateFormatError("not a device-state snapshot (bad magic bytes)")
-        if data[4] != _FORMAT_VERSION:
-            raise StateFormatError(f"unknown snapshot format version {data[4]} (supported: {_FORMAT_VERSION})")
+        if data[4] not in _READABLE_VERSIONS:
+            raise StateFormatError(f"unknown snapshot format version {data[4]} (supported: {_READABLE_VERSIONS})")
         body, (crc,) = data[:-_CRC.size], _CRC.unpack(data[-_CRC.size:])
         if zlib.crc32(body) != crc:
             raise StateFormatError("snapshot checksum mismatch (corrupt or truncated)")
@@ -287,7 +316,22 @@ class DeviceStateStore:
          ep_start) = _HEADER.unpack_from(body)
         off = _HEADER.size
         n_floats = 2 * layers * hidden + 4 * feats
-        if len(body) != off + n_ver + n_dev + 4 * n_floats:
+        end = off + n_ver + n_dev + 4 * n_floats
+        novelty = None
+        if data[4] >= 3:
+            if len(body) < end + _NOVELTY_COUNT.size:
+                raise StateFormatError("snapshot length does not match its header")
+            (n_alphas,) = _NOVELTY_COUNT.unpack_from(body, end)
+            end += _NOVELTY_COUNT.size
+            if n_alphas:
+                n_nov = 2 * n_alphas + 2 * feats + 1
+                if len(body) != end + 8 * n_nov + 16:
+                    raise StateFormatError("snapshot length does not match its header (novelty records)")
+                floats_nov = np.frombuffer(body, dtype="<f8", count=n_nov, offset=end)[None].astype(np.float64)
+                ints_nov = np.frombuffer(body, dtype="<i8", count=2, offset=end + 8 * n_nov)[None].astype(np.int64)
+                novelty = NoveltyRecords.from_arrays(floats_nov, ints_nov, n_alphas)
+                end += 8 * n_nov + 16
+        if len(body) != end:
             raise StateFormatError("snapshot length does not match its header")
         try:
             version = body[off:off + n_ver].decode()
@@ -302,7 +346,7 @@ class DeviceStateStore:
             h=floats[:lh].reshape(layers, hidden), c=floats[lh:2 * lh].reshape(layers, hidden),
             last_pred=floats[2 * lh:2 * lh + feats], last_input=floats[2 * lh + feats:2 * lh + 2 * feats],
             residual_ratio=floats[2 * lh + 2 * feats:2 * lh + 3 * feats],
-            repeat_run=floats[2 * lh + 3 * feats:].astype(np.int16))
+            repeat_run=floats[2 * lh + 3 * feats:].astype(np.int16), novelty=novelty)
 
     def restore(self, data: bytes) -> str:
         """Load one snapshot into this store (overwriting that device's state); returns the device id.
@@ -334,6 +378,20 @@ class DeviceStateStore:
         self.last_input[slots] = np.stack([s.last_input for s in snaps])
         self.residual_ratio[slots] = np.stack([s.residual_ratio for s in snaps])
         self.repeat_run[slots] = np.stack([s.repeat_run for s in snaps])
+        if self.novelty is not None:
+            # records of another shape (or none: a snapshot of the threshold rule) start empty
+            fits = np.array([s.novelty is not None and s.novelty.n_alphas == self.novelty.n_alphas
+                             for s in snaps])
+            if (~fits).any():
+                logger.info("%d restored devices carry no novelty records for %d time scales: they start empty",
+                            int((~fits).sum()), self.novelty.n_alphas)
+                self.novelty.reset(slots[~fits])
+            if fits.any():
+                kept = [s.novelty for s, ok in zip(snaps, fits, strict=True) if ok]
+                rows = NoveltyRecords(*(np.concatenate([getattr(r, k) for r in kept])  # type: ignore[union-attr]
+                                        for k in ("ema", "err_record", "val_hi", "val_lo", "entry_level", "seen",
+                                                  "since_alert")))
+                self.novelty.put(slots[fits], rows)
 
     def check_compatible(self, snap: DeviceSnapshot) -> None:
         """Raise :class:`StateModelMismatchError` unless ``snap`` fits this store (model version and shape)."""

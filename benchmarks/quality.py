@@ -49,7 +49,6 @@ PUBLISHED_SKAB = {"MSET": (0.78, 38.5), "T-squared+Q (PCA)": (0.76, 23.9), "Conv
 ABLATIONS: dict[str, dict[str, Any]] = {
     "detector's own statistic, no novelty": {"score_source": "detector"},
     "novelty: error records only": {"novelty": {"value_range": False}},
-    "novelty: + hidden-state range": {"novelty": {"state_range": True}},
     "novelty: no refractory period": {"novelty": {"refractory": 0}},
     "novelty: records never decay": {"novelty": {"half_life": float("inf")}},
 }

@@ -311,3 +311,33 @@ def test_detector_settings_are_validated_by_name():
         DetectorConfig(exit_ratio=0.0)
     with pytest.raises(ValueError, match="detector setting smoothing_alpha=2"):
         DetectorConfig(smoothing_alpha=2)
+
+
+@pytest.mark.parametrize(("setting", "value"), [
+    ("episode_rule", "magic"), ("novelty_alphas", ()), ("novelty_alphas", (0.3, 0.0)), ("novelty_tolerance", 0.0),
+    ("novelty_half_life", -1.0), ("novelty_refractory", -1), ("novelty_learn_readings", 1.5),
+    ("novelty_value_range", "yes")])
+def test_novelty_settings_are_validated_by_name(setting, value):
+    with pytest.raises(ValueError, match=f"detector setting {setting}="):
+        DetectorConfig(**{setting: value})
+
+
+def test_novelty_settings_round_trip_through_json_and_score_the_same(bundle, tmp_path):
+    novelty = bundle.with_config(episode_rule="novelty", novelty_alphas=[0.5, 0.2, 0.05], novelty_refractory=7,
+                                 novelty_learn_readings=4)
+    assert novelty.config.novelty_alphas == (0.5, 0.2, 0.05)  # a JSON list becomes a tuple
+    loaded = ModelBundle.load(novelty.save(tmp_path / "novelty"))
+    assert loaded.config == novelty.config and loaded.config.novelty.alphas == (0.5, 0.2, 0.05)
+    rng = np.random.default_rng(3)
+    batch = ReadingBatch.from_arrays(["d"] * 60, np.arange(60) * 1000, rng.normal(size=(60, len(FEATURES))))
+    a, b = StreamingDetector(novelty).process(batch), StreamingDetector(loaded).process(batch)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    np.testing.assert_array_equal(a.alerts, b.alerts)
+
+
+def test_a_bundle_without_novelty_settings_loads_with_the_threshold_rule(saved):
+    def drop(meta):
+        for key in [k for k in meta["detector"] if k.startswith("novelty_") or k == "episode_rule"]:
+            del meta["detector"][key]
+    edit_metadata(saved, drop)
+    assert ModelBundle.load(saved).config.episode_rule == "threshold"

@@ -45,14 +45,28 @@ def reference_scores(bundle, devices):
     for name, (ts, values) in devices.items():
         det = StreamingDetector(bundle)
         res = det.process(ReadingBatch.from_arrays([name] * len(ts), ts, values))
-        out[name] = (res.scores, [(e.kind, e.ts_ms) for e in res.events])
+        out[name] = (res.scores, [(e.kind, e.ts_ms) for e in res.events], res.novelty, res.alerts, res.anomalous)
     return out
+
+
+NOVELTY = {"episode_rule": "novelty", "novelty_learn_readings": 5, "novelty_refractory": 3,
+           "novelty_half_life": 50.0}
+"""Novelty settings that make a 40-reading device alert, open and close episodes, and decay records."""
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), n_devices=st.integers(1, 4))
 def test_any_split_into_messages_and_batches_scores_like_one_pass(data, n_devices):
-    bundle = stateful_bundle()
+    check_any_split(data, n_devices, stateful_bundle())
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), n_devices=st.integers(1, 4))
+def test_novelty_rule_any_split_into_messages_and_batches_scores_like_one_pass(data, n_devices):
+    check_any_split(data, n_devices, stateful_bundle(**NOVELTY))
+
+
+def check_any_split(data, n_devices, bundle):
     devices = {}
     for d in range(n_devices):
         length = data.draw(st.integers(1, 40), label=f"length{d}")
@@ -77,7 +91,7 @@ def test_any_split_into_messages_and_batches_scores_like_one_pass(data, n_device
         cursors[name] += 1
     # ... and group consecutive messages into batches of any size
     det = StreamingDetector(bundle)
-    got = {name: ([], []) for name in devices}
+    got = {name: ([], [], [], [], []) for name in devices}
     i = 0
     while i < len(queue):
         size = data.draw(st.integers(1, 6), label="batch size")
@@ -90,11 +104,17 @@ def test_any_split_into_messages_and_batches_scores_like_one_pass(data, n_device
         for name in devices:
             mask = np.asarray(ids, dtype=object) == name
             got[name][0].append(res.scores[mask])
+            got[name][2].append(res.novelty[mask])
+            got[name][3].append(res.alerts[mask])
+            got[name][4].append(res.anomalous[mask])
         for e in res.events:
             got[e.device_id][1].append((e.kind, e.ts_ms))
     for name in devices:
         np.testing.assert_allclose(np.concatenate(got[name][0]), expected[name][0], atol=1e-5, equal_nan=True)
         assert got[name][1] == expected[name][1]
+        np.testing.assert_allclose(np.concatenate(got[name][2]), expected[name][2], atol=1e-5, equal_nan=True)
+        np.testing.assert_array_equal(np.concatenate(got[name][3]), expected[name][3])
+        np.testing.assert_array_equal(np.concatenate(got[name][4]), expected[name][4])
 
 
 def test_readings_are_taken_in_timestamp_order_within_a_batch():
@@ -207,3 +227,77 @@ def test_a_reading_with_every_feature_missing_is_not_scored_as_perfectly_normal(
     res = det.process(ReadingBatch.from_arrays(["d"], [3000], [[np.nan, np.nan]]))
     # it would otherwise score 0 (d² of an all-NaN residual is 0) and pull the smoothed score down
     assert res.status[0] == ReadingStatus.EMPTY and float(det.store.smoothed[det.store.slot_of("d")]) == before
+
+
+def fleet(n_devices: int = 3, length: int = 60) -> ReadingBatch:
+    """Interleaved readings of a few devices, one per second each, with spikes."""
+    ids = np.repeat([f"dev{d}" for d in range(n_devices)], length)
+    ts = np.tile(1_000_000 + np.arange(length, dtype=np.int64) * 1000, n_devices)
+    values = np.concatenate([device_series(d, length) for d in range(n_devices)])
+    order = np.argsort(ts, kind="stable")
+    return ReadingBatch.from_arrays(ids[order], ts[order], values[order])
+
+
+def test_novelty_rule_alerts_opens_and_closes_episodes_with_scores_in_range():
+    det = StreamingDetector(stateful_bundle(**NOVELTY))
+    res = det.process(fleet())
+    scored = res.status == ReadingStatus.SCORED
+    assert det.score_threshold == pytest.approx(0.05 / 1.05, rel=1e-6)
+    assert ((res.scores[scored] >= 0) & (res.scores[scored] <= 1)).all()
+    assert ((res.novelty[scored] >= 0) & (res.novelty[scored] < 1)).all() and np.isnan(res.novelty[~scored]).all()
+    assert res.alerts.any() and not res.alerts[~scored].any()
+    # the alert score reaches the threshold exactly where the detector alerts
+    np.testing.assert_array_equal(res.scores[scored] >= np.float32(det.score_threshold), res.alerts[scored])
+    kinds = [e.kind for e in res.events]
+    assert "start" in kinds and "end" in kinds
+    for e in res.events:
+        assert e.threshold == det.score_threshold and 0.0 <= e.score <= 1.0
+        if e.kind == "start":
+            assert res.anomalous[e.row] and e.score >= e.threshold
+    assert det.store.novelty is not None
+
+
+def test_novelty_rule_snapshot_restore_continues_like_an_uninterrupted_detector():
+    bundle = stateful_bundle(**NOVELTY)
+    batch = fleet(length=80)
+    first, second = np.arange(len(batch)) < 120, np.arange(len(batch)) >= 120
+    whole = StreamingDetector(bundle)
+    whole.process(batch.take(np.flatnonzero(first)))
+    expected = whole.process(batch.take(np.flatnonzero(second)))
+
+    before = StreamingDetector(bundle)
+    before.process(batch.take(np.flatnonzero(first)))
+    devices = before.store.devices()
+    blobs = before.store.snapshot_many(devices)
+    after = StreamingDetector(bundle)
+    after.store.restore_snapshots([after.store.decode_snapshot(b) for b in blobs])
+    got = after.process(batch.take(np.flatnonzero(second)))
+    np.testing.assert_allclose(got.scores, expected.scores, atol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(got.novelty, expected.novelty, atol=1e-6, equal_nan=True)
+    np.testing.assert_array_equal(got.alerts, expected.alerts)
+    np.testing.assert_array_equal(got.anomalous, expected.anomalous)
+    assert [(e.kind, e.device_id, e.ts_ms) for e in got.events] == [(e.kind, e.device_id, e.ts_ms)
+                                                                      for e in expected.events]
+    assert expected.alerts.any()  # the continuation is not trivially quiet
+
+
+def test_novelty_records_survive_a_gap_reset_but_not_removal():
+    det = StreamingDetector(stateful_bundle(**NOVELTY))
+    ts = 1_000_000 + np.arange(30, dtype=np.int64) * 1000
+    det.process(ReadingBatch.from_arrays(["a"] * 30, ts, device_series(0, 30)))
+    slot = det.store.slot_of("a")
+    seen = int(det.store.novelty.seen[slot])
+    assert seen == 30 - 3  # every scored reading after the warm-up
+    later = ts[-1] + 60_000 + np.arange(5, dtype=np.int64) * 1000  # a gap longer than gap_factor intervals
+    res = det.process(ReadingBatch.from_arrays(["a"] * 5, later, device_series(1, 5)))
+    assert res.gap_resets == 1 and int(det.store.novelty.seen[slot]) == seen + 2  # 3 warm-up readings again
+    det.store.remove(["a"])
+    assert int(det.store.novelty.seen[slot]) == 0 and np.isnan(det.store.novelty.val_hi[slot]).all()
+
+
+def test_threshold_rule_alerts_are_episode_starts_and_it_keeps_no_novelty_records():
+    det = StreamingDetector(stateful_bundle())
+    res = det.process(fleet())
+    starts = sorted(e.row for e in res.events if e.kind == "start")
+    assert starts and np.flatnonzero(res.alerts).tolist() == starts
+    assert np.isnan(res.novelty).all() and det.store.novelty is None

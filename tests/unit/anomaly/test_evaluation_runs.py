@@ -18,7 +18,7 @@ from anomaly.evaluation_runs import EvalSettings, add_evaluate_command, format_n
 pytest.importorskip("river")
 
 SMALL = EvalSettings(hidden_size=8, epochs=2, window=8, piece_length=32,
-                     novelty=NoveltyConfig(state_range=False, learn_readings=20))
+                     novelty=NoveltyConfig(learn_readings=20))
 NAB_ROWS = 1000
 SKAB_ROWS = 600
 

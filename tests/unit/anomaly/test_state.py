@@ -1,5 +1,8 @@
 """DeviceStateStore: slots, growth, eviction, snapshot/restore round trips and garbage rejection."""
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -96,3 +99,71 @@ def test_memory_per_device_is_close_to_the_tensors():
     store = DeviceStateStore(num_layers=1, hidden_size=64, n_features=4, capacity=1000)
     per_slot = store.nbytes() / store.capacity
     assert per_slot == 2 * 64 * 4 + 14 * 4 + 33  # h, c + per-device scalars (see the state.py docstring)
+
+
+def novelty_store(**kw):
+    return make_store(novelty_alphas=2, **kw)
+
+
+def fill_novelty(store, device, seed):
+    slot = store.slot_of(device)
+    rng = np.random.default_rng(seed)
+    rec = store.novelty
+    rec.ema[slot], rec.err_record[slot] = rng.random(2), rng.random(2) + 0.5
+    rec.val_hi[slot], rec.val_lo[slot] = rng.random(2) + 1, rng.random(2) - 1
+    rec.entry_level[slot], rec.seen[slot], rec.since_alert[slot] = 0.7, 1234, 56
+
+
+def test_novelty_records_round_trip_through_snapshots_and_growth():
+    store = novelty_store()
+    store.slots_for(np.array(["a", "b"], dtype=object))
+    fill_novelty(store, "a", 0)
+    fill_novelty(store, "b", 1)
+    store.slots_for(np.array([f"x{i}" for i in range(5)], dtype=object))  # grows
+    other = novelty_store()
+    other.restore_snapshots([other.decode_snapshot(b) for b in store.snapshot_many(["b", "a"])])
+    for device in ("a", "b"):
+        s, o = store.slot_of(device), other.slot_of(device)
+        for name in ("ema", "err_record", "val_hi", "val_lo", "entry_level", "seen", "since_alert"):
+            np.testing.assert_array_equal(getattr(other.novelty, name)[o], getattr(store.novelty, name)[s])
+    assert np.isnan(store.novelty.val_hi[store.slot_of("x0")]).all()  # new slots start empty
+
+
+def test_snapshots_without_novelty_records_start_them_empty_and_old_format_still_reads():
+    plain = make_store()
+    plain.slots_for(np.array(["a"], dtype=object))
+    plain.steps[0] = 9
+    blob = plain.snapshot("a")
+    store = novelty_store()
+    store.slots_for(np.array(["a"], dtype=object))
+    fill_novelty(store, "a", 0)
+    store.restore(blob)
+    assert store.novelty.seen[store.slot_of("a")] == 0 and store.steps[store.slot_of("a")] == 9
+    # format 2: the same bytes without the novelty count byte (and version 2)
+    body = bytearray(blob[:-5])
+    body[4] = 2
+    v2 = bytes(body) + struct.pack("<I", zlib.crc32(bytes(body)))
+    snap = DeviceStateStore.decode_snapshot(v2)
+    assert snap.steps == 9 and snap.novelty is None
+    # a snapshot with records restores into a plain store, which ignores them
+    plain.restore(novelty_store_snapshot())
+
+
+def novelty_store_snapshot():
+    store = novelty_store()
+    store.slots_for(np.array(["z"], dtype=object))
+    fill_novelty(store, "z", 2)
+    return store.snapshot("z")
+
+
+def test_novelty_records_that_are_cut_short_are_rejected():
+    blob = novelty_store_snapshot()
+    body = bytearray(blob[:-12])  # drop the last 8 bytes of the records and the checksum
+    with pytest.raises(StateFormatError, match="length"):
+        DeviceStateStore.decode_snapshot(bytes(body) + struct.pack("<I", zlib.crc32(bytes(body))))
+
+
+def test_novelty_records_cost_120_bytes_per_device_for_two_time_scales_and_four_features():
+    plain = DeviceStateStore(num_layers=1, hidden_size=64, n_features=4, capacity=1000)
+    store = DeviceStateStore(num_layers=1, hidden_size=64, n_features=4, capacity=1000, novelty_alphas=2)
+    assert (store.nbytes() - plain.nbytes()) / store.capacity == 16 * 2 + 16 * 4 + 24 == 120
