@@ -23,8 +23,10 @@ Two episode rules (``DetectorConfig.episode_rule``), both on this one path:
   within ~50 readings, which is exactly what should stay visible) and the scaled values; an alert is a
   record beaten by ``novelty_tolerance``, an episode opens on a beaten error record and closes when the
   slow error average is back within it. ``scores`` are the novelty alert scores, ``score_threshold``
-  the novelty threshold, ``alerts`` the novelty alerts. A stuck sensor's reading gets the maximum
-  surprise under both rules.
+  the novelty threshold, ``alerts`` the novelty alerts. Differences: a stuck sensor's reading gets
+  the maximum surprise only under the threshold rule (fed to the records it would blind the device
+  for several half-lives); a gap reset restarts the network but keeps the novelty records *and* the
+  novelty episode (no ``end`` event: closed by a gap, an ongoing incident could not reopen it).
 
 Cost per call: one LSTM forward pass over [B, T, F], O(N log N) numpy for grouping, and T
 vectorised steps of smoothing/episode logic; Python per device only where devices are new
@@ -184,9 +186,12 @@ class StreamingDetector:
         slots = slots_of_code[dev[starts]]
         reset = gap[starts]
         if reset.any():
-            self._close_on_reset(np.flatnonzero(reset & store.in_episode[slots]), slots, start_pos, ts, rows,
-                                 batch, result)
-            store.reset(slots[reset], keep_novelty=True)
+            if self.novelty_config is None:
+                self._close_on_reset(np.flatnonzero(reset & store.in_episode[slots]), slots, start_pos, ts, rows,
+                                     batch, result)
+            # the novelty rule's episode belongs to its records, which outlive the network's state: closed
+            # by a gap, an ongoing incident could not reopen it (the record it beat has grown since)
+            store.reset(slots[reset], keep_novelty=self.novelty_config is not None)
 
         raw = np.full((b, t_steps, f), np.nan, dtype=np.float32)
         # clipped so that an absurd (but finite) value cannot overflow the network's state
@@ -229,8 +234,9 @@ class StreamingDetector:
         decision = decision_surprise(smoothed, surprise, cfg.point_margin)
         if self.novelty_config is not None:
             before = store.in_episode[slots]
+            # not MAX_SURPRISE where stuck: that would raise the device's error records to the maximum and
+            # leave it blind to errors for several half-lives (stuck sensors are the threshold rule's to flag)
             absolute = np.where(scored, scorer.surprise(raw - expected), np.float32(0.0))
-            absolute = np.where(stuck, np.float32(MAX_SURPRISE), absolute)
             records = store.novelty.take(slots)  # type: ignore[union-attr]
             nov = novelty_step(self.novelty_config, records, before, store.run_length[slots], absolute, raw, scored)
             store.novelty.put(slots, records)  # type: ignore[union-attr]

@@ -98,7 +98,8 @@ class DeviceStateStore:
     value exactly (a stuck sensor, see :func:`anomaly.scoring.repeat_runs`)
     novelty : :class:`~anomaly.adaptation.NoveltyRecords` of C slots, or ``None`` unless the store was
     made with ``novelty_alphas`` > 0 (the novelty episode rule). A gap reset keeps them (they are what
-    the device has done, not its network state); a new, removed or evicted device starts empty.
+    the device has done, not its network state) with the episode flag they decide; a new, removed or
+    evicted device starts empty.
 
     Examples
     --------
@@ -208,16 +209,19 @@ class DeviceStateStore:
     def reset(self, slots: np.ndarray, keep_novelty: bool = False) -> None:
         """Zero the state of ``slots`` (a new device, or one restarting after a gap); keeps ``last_ts``.
 
-        ``keep_novelty``: keep the novelty records (a gap reset restarts the network, not the history).
+        ``keep_novelty``: keep the novelty records and the episode they decide (``in_episode``,
+        ``run_length``, ``episode_start``): a gap reset under the novelty rule restarts the network, not
+        the device's history.
         """
         idx = torch.as_tensor(slots, dtype=torch.long)
         self.h[:, idx] = 0.0
         self.c[:, idx] = 0.0
         self.steps[slots] = 0
         self.smoothed[slots] = 0.0
-        self.in_episode[slots] = False
-        self.run_length[slots] = 0
-        self.episode_start[slots] = 0
+        if not keep_novelty:
+            self.in_episode[slots] = False
+            self.run_length[slots] = 0
+            self.episode_start[slots] = 0
         self.last_pred[slots] = 0.0
         self.last_input[slots] = 0.0
         self.residual_ratio[slots] = 1.0

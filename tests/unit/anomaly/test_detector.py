@@ -281,16 +281,20 @@ def test_novelty_rule_snapshot_restore_continues_like_an_uninterrupted_detector(
     assert expected.alerts.any()  # the continuation is not trivially quiet
 
 
-def test_novelty_records_survive_a_gap_reset_but_not_removal():
+def test_novelty_records_and_episode_survive_a_gap_reset_but_not_removal():
     det = StreamingDetector(stateful_bundle(**NOVELTY))
     ts = 1_000_000 + np.arange(30, dtype=np.int64) * 1000
-    det.process(ReadingBatch.from_arrays(["a"] * 30, ts, device_series(0, 30)))
+    values = device_series(0, 30)
+    values[20:] += 40.0  # a shift that opens a novelty episode and is still going on at the gap
+    first = det.process(ReadingBatch.from_arrays(["a"] * 30, ts, values))
     slot = det.store.slot_of("a")
     seen = int(det.store.novelty.seen[slot])
     assert seen == 30 - 3  # every scored reading after the warm-up
+    assert first.anomalous[-1] and det.store.in_episode[slot]
     later = ts[-1] + 60_000 + np.arange(5, dtype=np.int64) * 1000  # a gap longer than gap_factor intervals
-    res = det.process(ReadingBatch.from_arrays(["a"] * 5, later, device_series(1, 5)))
+    res = det.process(ReadingBatch.from_arrays(["a"] * 5, later, device_series(1, 5) + 40.0))
     assert res.gap_resets == 1 and int(det.store.novelty.seen[slot]) == seen + 2  # 3 warm-up readings again
+    assert res.anomalous[:3].all() and not [e for e in res.events if e.ts_ms == later[0]]  # no end at the gap
     det.store.remove(["a"])
     assert int(det.store.novelty.seen[slot]) == 0 and np.isnan(det.store.novelty.val_hi[slot]).all()
 
