@@ -44,6 +44,9 @@ __all__ = ["Adam", "TrainingConfig", "fit", "prepare_series"]
 
 logger = logging.getLogger(__name__)
 
+CALIBRATION_MIN = 50
+"""Held-out normal readings (after warm-up) the scorer is calibrated on, at least."""
+
 
 @dataclass(frozen=True)
 class TrainingConfig:
@@ -232,7 +235,13 @@ def _fit(frame: pd.DataFrame, features: Sequence[str], time_col: str, device_col
     devices = list(series)
     n_rows = sum(len(v) for _, v in series.values())
     min_rows = max(2 * det.warmup_steps + 20, 4 * cfg.window)
-    splits = {d: round(len(v) * (1 - cfg.val_fraction)) for d, (_, v) in series.items()}
+    # calibration needs CALIBRATION_MIN held-out readings after warm-up: on a small table the held-out
+    # share grows as needed, up to half of the data
+    val_fraction = min(max(cfg.val_fraction, (CALIBRATION_MIN + 20 + det.warmup_steps) / max(n_rows, 1)), 0.5)
+    if val_fraction > cfg.val_fraction:
+        logger.info("held-out share raised from %.2f to %.2f to have %d calibration readings", cfg.val_fraction,
+                    val_fraction, CALIBRATION_MIN)
+    splits = {d: round(len(v) * (1 - val_fraction)) for d, (_, v) in series.items()}
     usable = [d for d in devices if splits[d] >= 2 and len(series[d][1]) - splits[d] >= 2]
     n_usable = sum(len(series[d][1]) for d in usable)
     if n_usable < min_rows:
@@ -350,8 +359,9 @@ def _calibrate(model: LSTMForecaster, series: list[np.ndarray], splits: list[int
     full = [s[1:] - p[:-1] for p, s in zip(preds, series, strict=True)]  # full[d][i] is reading i + 1's
     firsts = [max(split, det.warmup_steps) - 1 for split in splits]  # index of the first held-out residual
     held_out = [r[first:] for r, first in zip(full, firsts, strict=True)]
-    if sum(len(r) for r in held_out) < 50:
-        raise TrainingError("too little held-out data to calibrate the scorer (need 50 readings after warm-up); "
+    if sum(len(r) for r in held_out) < CALIBRATION_MIN:
+        raise TrainingError(f"too little held-out data to calibrate the scorer (need {CALIBRATION_MIN} readings "
+                            "after warm-up); "
                             "give more rows or raise val_fraction")
     reference_var = np.maximum(np.concatenate(held_out).astype(np.float64).var(axis=0), 1e-12).astype(np.float32)
     longest = max(len(r) for r in full)

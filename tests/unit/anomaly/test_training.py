@@ -196,9 +196,16 @@ def test_unusable_tables_fail_with_a_clear_error(table, features, error, message
         fit(table, features, time_col="ts", device_col="device", **FAST)
 
 
+def test_a_small_table_gets_a_larger_held_out_share_for_calibration():
+    bundle = fit(fleet(devices=1, steps=150), ["x", "y"], time_col="ts", device_col="device", val_fraction=0.1,
+                 **FAST)
+    assert bundle.scorer.n_fit >= 50
+
+
 def test_too_little_held_out_data_to_calibrate():
     with pytest.raises(TrainingError, match="too little held-out data to calibrate"):
-        fit(fleet(devices=1, steps=150), ["x", "y"], time_col="ts", device_col="device", val_fraction=0.1, **FAST)
+        fit(fleet(devices=1, steps=70), ["x", "y"], time_col="ts", device_col="device", val_fraction=0.1, window=16,
+            **FAST)
 
 
 @pytest.mark.parametrize(("settings", "message"), [
