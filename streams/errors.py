@@ -10,6 +10,7 @@ imports (no Kafka, no torch) so that every other module can import it cheaply.
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "BrokerUnavailableError",
     "CodecError",
     "ConfigError",
@@ -53,4 +54,13 @@ class FencedError(StreamsError):
     The broker fenced this (zombie) instance so that it cannot produce duplicates; it stops. If
     this happens without a deliberate restart, two instances share one transactional id: give each
     instance its own ``transactional_id`` (by default ``<group_id>-<hostname>``).
+    """
+
+
+class AuthenticationError(ConfigError):
+    """The brokers refused this client's credentials or TLS settings.
+
+    Retrying does not help. The operator checks the SASL mechanism, user name and password (and,
+    for TLS, the CA file and the broker's certificate) named in the message, fixes the Secret or
+    environment variable, and restarts the service.
     """

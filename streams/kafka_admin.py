@@ -15,6 +15,8 @@ Security settings (SASL/SSL) are passed through as kafka-python client keywords,
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,12 +25,13 @@ from typing import Any
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
-from streams.errors import BrokerUnavailableError
+from streams.errors import AuthenticationError, BrokerUnavailableError
 
 __all__ = [
     "TopicSpec",
     "admin_client",
     "broker_ready",
+    "check_authentication",
     "ensure_topics",
     "partition_counts",
     "wait_for_broker",
@@ -242,3 +245,116 @@ def partition_counts(admin: KafkaAdminClient, names: list[str]) -> dict[str, int
         if topic.get("error_code", 0) == 0:
             counts[topic["name"]] = len(topic.get("partitions") or [])
     return counts
+
+
+def check_authentication(bootstrap: str, *, timeout_s: float = 10.0, **security: Any) -> None:
+    """Authenticate once to the first bootstrap server that accepts a connection, outside kafka-python.
+
+    Why: kafka-python 3.0 treats a refused SASL login like an unreachable broker. Its bootstrap loop
+    logs the failure and retries until ``bootstrap_timeout_ms``, then raises "Unable to bootstrap";
+    and the broker often closes the connection (``connection.failed.authentication.delay.ms``)
+    before its error response is read, so not even the log says why. This probe speaks the two SASL
+    requests itself (SaslHandshake, SaslAuthenticate, with kafka-python's mechanism classes) and
+    tells a wrong password from a broker that is not there.
+
+    Parameters
+    ----------
+    bootstrap
+        ``host:port[,host:port...]``; the servers are tried in order until one accepts TCP.
+    timeout_s
+        Bound on the connection, TLS handshake and each request.
+    **security
+        kafka-python keywords (``ServiceConfig.kafka_security()``). Without a SASL protocol this
+        only checks TLS (``SSL``) or returns at once (``PLAINTEXT``).
+
+    Raises
+    ------
+    streams.errors.AuthenticationError
+        The broker refused the credentials (its message is included), closed the connection during
+        authentication, does not enable the mechanism, or its certificate failed verification.
+    streams.errors.BrokerUnavailableError
+        No bootstrap server accepted a TCP connection within ``timeout_s`` (retrying may help).
+
+    Examples
+    --------
+    >>> check_authentication("127.0.0.1:1", timeout_s=0.5, security_protocol="SASL_PLAINTEXT",
+    ...                      sasl_mechanism="PLAIN", sasl_plain_username="u", sasl_plain_password="p")
+    Traceback (most recent call last):
+    ...
+    streams.errors.BrokerUnavailableError: no Kafka broker accepted a connection at 127.0.0.1:1 ...
+    """
+    from kafka.net.sasl import get_sasl_mechanism
+    from kafka.protocol.parser import KafkaProtocol
+    from kafka.protocol.sasl import SaslAuthenticateRequest, SaslHandshakeRequest
+
+    protocol = security.get("security_protocol", "PLAINTEXT")
+    if protocol == "PLAINTEXT":
+        return
+    sock, host, errors = None, "", []
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s)
+            break
+        except (OSError, ValueError) as exc:
+            errors.append(f"{server.strip()}: {exc}")
+    if sock is None:
+        raise BrokerUnavailableError(f"no Kafka broker accepted a connection at {bootstrap} ({'; '.join(errors)})")
+    user, mechanism_name = security.get("sasl_plain_username"), security.get("sasl_mechanism")
+    who = f"user {user!r} with {mechanism_name}" if protocol.startswith("SASL") else "TLS"
+    try:
+        if protocol.endswith("SSL"):
+            sock = _tls_wrap(sock, host, security)
+        if not protocol.startswith("SASL"):
+            return
+        wire = KafkaProtocol(client_id="sensor-anomaly-auth-check")
+
+        def request(message: Any) -> Any:
+            wire.send_request(message)
+            sock.sendall(wire.send_bytes())
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionResetError("connection closed by the broker")
+                responses = wire.receive_bytes(data)
+                if responses:
+                    return responses[0][1]
+
+        handshake = request(SaslHandshakeRequest(mechanism=mechanism_name, version=1))
+        if handshake.error_code != 0 or mechanism_name not in handshake.mechanisms:
+            raise AuthenticationError(f"Kafka at {bootstrap} does not accept SASL mechanism {mechanism_name} "
+                                      f"(enabled: {', '.join(handshake.mechanisms) or 'none'}); set sasl_mechanism")
+        mechanism = get_sasl_mechanism(mechanism_name)(host=host, **security)
+        while not mechanism.is_done():
+            try:
+                response = request(SaslAuthenticateRequest(auth_bytes=mechanism.auth_bytes(), version=1))
+            except ConnectionResetError:
+                raise AuthenticationError(
+                    f"Kafka at {bootstrap} closed the connection during SASL authentication of {who}: "
+                    "the user name or password is wrong (check sasl_username / sasl_password)") from None
+            if response.error_code != 0:
+                raise AuthenticationError(f"Kafka at {bootstrap} refused {who}: {response.error_message}")
+            mechanism.receive(response.auth_bytes)
+        if not mechanism.is_authenticated():
+            raise AuthenticationError(f"Kafka at {bootstrap}: SASL authentication of {who} did not complete")
+    except ssl.SSLError as exc:
+        raise AuthenticationError(f"TLS handshake with Kafka at {bootstrap} failed: {exc.reason or exc} "
+                                  "(check ssl_cafile and that the broker's certificate names this host)") from exc
+    except (TimeoutError, OSError) as exc:
+        raise BrokerUnavailableError(f"Kafka at {bootstrap} did not complete authentication of {who}: {exc}") from exc
+    finally:
+        sock.close()
+
+
+def _tls_wrap(sock: socket.socket, host: str, security: dict[str, Any]) -> ssl.SSLSocket:
+    """The TLS client side as kafka-python builds it (CA file or system CAs, optional client certificate)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = bool(security.get("ssl_check_hostname", True))
+    if security.get("ssl_cafile"):
+        context.load_verify_locations(security["ssl_cafile"])
+    else:
+        context.load_default_certs()
+    if security.get("ssl_certfile"):
+        context.load_cert_chain(security["ssl_certfile"], security.get("ssl_keyfile"), security.get("ssl_password"))
+    return context.wrap_socket(sock, server_hostname=host)
