@@ -445,8 +445,9 @@ class StreamProcessor:
         stats.events.update(ev)
         produced = decoded.produce_ts_ms
         latency = (time.time() * 1000.0 - produced[produced >= 0]) / 1000.0
+        consumed = decoded.messages + len(decoded.dead_letters)  # dead-lettered messages, not distinct reasons
         self.metrics.observe_batch(counts=counts, duration_s=duration_s,
-                                   messages_by_topic={self.config.input_topic: decoded.messages + len(dl)},
+                                   messages_by_topic={self.config.input_topic: consumed},
                                    dead_letters=dl, events_by_kind=ev, e2e_latencies_s=latency,
                                    scores=result.scores, gap_resets=result.gap_resets)
         self.metrics.set_active_devices(len(self.detector.store))
