@@ -21,11 +21,13 @@ test: setup ## every test: unit, real Kafka integration, real Prometheus e2e
 test-unit: setup ## unit tests only (no servers, seconds)
 	$(PY) -m pytest tests/unit anomaly streams
 
-bench: setup ## throughput, latency, memory and recovery benchmarks (prints JSON lines)
+bench: setup ## throughput, latency, memory and recovery benchmarks (each prints a JSON last line)
 	$(PY) benchmarks/bench_core.py
+	$(PY) benchmarks/bench_e2e.py
+	$(PY) benchmarks/bench_recovery.py
 
-quality: setup ## detection quality on NAB and SKAB, ours vs River's HalfSpaceTrees
-	$(PY) benchmarks/quality.py
+quality: setup ## detection quality on NAB and SKAB, ours vs River's HalfSpaceTrees (about 5 min)
+	$(PY) benchmarks/quality.py --markdown benchmarks/RESULTS.md
 
 lint: setup ## ruff
 	$(PY) -m ruff check .

@@ -210,8 +210,6 @@ def test_model_info_names_the_bundle(processor: StreamProcessor, metrics: Servic
     assert metrics.sample("model_info", name="unit-model", version="5", features="2") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="processor counts distinct dead-letter reasons, not dead-lettered messages, "
-                                       "in messages_consumed_total (fix: len(decoded.dead_letters) in _observe)")
 def test_messages_consumed_counts_accepted_and_rejected_messages(
     two_batches: list[ProcessResult], metrics: ServiceMetrics
 ) -> None:
