@@ -17,8 +17,12 @@ One loop iteration (:meth:`StreamProcessor.step`)::
         the partition is processed, and records of a partition restored in this step were fetched
         before its seek and are dropped
     decode every record (bad ones become dead letters) → ONE StreamingDetector.process call
-    send anomaly events, dead letters (and, if configured, the score stream)
+    send anomaly events, dead letters (and, if configured, the score stream and the shadow
+        model's events: streams/shadow.py)
     every commit_interval_s: commit (below)
+    model registry: every model_poll_interval_s read its LIVE pointer; a new, validated version is
+        switched in here, between two batches: commit first, then swap the detector (every device
+        warms up again under the new model; open episodes get an end event): streams/model_watcher.py
 
 Commit order (:meth:`StreamProcessor.commit`), which is what "nothing lost" rests on:
 
@@ -85,13 +89,22 @@ from kafka.errors import (
 
 from anomaly.bundle import ModelBundle
 from anomaly.detector import StreamingDetector
-from anomaly.events import ProcessResult, ReadingStatus
+from anomaly.events import AnomalyEvent, ProcessResult, ReadingStatus
 from streams.changelog import MARKER_KEY, encode_marker, encode_value, restore_partitions
 from streams.codec import DecodedBatch, dead_letter_headers, decode_records, encode_event
 from streams.config import ServiceConfig
 from streams.errors import BrokerUnavailableError, ConfigError, FencedError
-from streams.kafka_admin import TopicSpec, admin_client, ensure_topics, partition_counts, wait_for_broker
+from streams.kafka_admin import (
+    TopicSpec,
+    admin_client,
+    check_authentication,
+    ensure_topics,
+    partition_counts,
+    wait_for_broker,
+)
 from streams.metrics import ServiceMetrics
+from streams.model_watcher import ModelSwitch, ModelWatcher
+from streams.shadow import ShadowScorer
 
 __all__ = ["ProcessorStats", "StreamProcessor"]
 
@@ -150,6 +163,8 @@ class ProcessorStats:
     """Partitions that came back in a rebalance and kept their in-memory state (no restore)."""
     recoveries: int = 0
     """Failures the loop recovered from (backoff, discard, restore)."""
+    model_switches: int = 0
+    """New live models taken from the registry (hot reload)."""
 
 
 class _QueueingListener(ConsumerRebalanceListener):
@@ -177,12 +192,19 @@ class StreamProcessor:
     bundle : ModelBundle
         The live model.
     metrics : ServiceMetrics
+    watcher : ModelWatcher, optional
+        Hot reload; default: one watching ``config.model_dir`` when it is a model registry.
+    shadow : ShadowScorer, optional
+        Shadow scoring; default: the registry version ``config.shadow_model`` names, if any.
     """
 
-    def __init__(self, config: ServiceConfig, bundle: ModelBundle, metrics: ServiceMetrics | None = None):
+    def __init__(self, config: ServiceConfig, bundle: ModelBundle, metrics: ServiceMetrics | None = None, *,
+                 watcher: ModelWatcher | None = None, shadow: ShadowScorer | None = None):
         self.config = config
         self.metrics = metrics or ServiceMetrics(topics=[config.input_topic])
         self.detector = StreamingDetector(bundle)
+        self.watcher = watcher if watcher is not None else ModelWatcher.for_config(config, bundle, self.metrics)
+        self.shadow = shadow if shadow is not None else ShadowScorer.for_config(config, bundle, self.metrics)
         self.stats = ProcessorStats()
         self.consumer: KafkaConsumer | None = None
         self.producer: KafkaProducer | None = None
@@ -229,6 +251,8 @@ class StreamProcessor:
     def connect(self, timeout_s: float = 120.0) -> None:
         """Wait for the broker (with backoff), create missing topics, open the consumer and producer."""
         cfg = self.config
+        # kafka-python retries refused credentials like an absent broker; find out first (fails fast)
+        check_authentication(cfg.bootstrap_servers, timeout_s=min(timeout_s, 10.0), **cfg.kafka_security())
         try:
             wait_for_broker(cfg.bootstrap_servers, timeout_s=timeout_s, **cfg.kafka_security())
         except TimeoutError as exc:
@@ -245,6 +269,9 @@ class StreamProcessor:
             fetch_max_bytes=64 * 1024 * 1024, session_timeout_ms=SESSION_TIMEOUT_MS,
             heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
             isolation_level="read_committed" if cfg.exactly_once else "read_uncommitted", **self._client_config())
+        # metadata first: a group joined before the consumer knows the topic's partitions can get an
+        # empty assignment until the next metadata refresh (kafka-python #2377)
+        self.consumer.partitions_for_topic(cfg.input_topic)
         self.consumer.subscribe([cfg.input_topic], listener=_QueueingListener(self._events))
         _warn_if_slow_crc()
         logger.info("connected to %s: group %s on %s[%d], %s%s", cfg.bootstrap_servers, cfg.group_id, cfg.input_topic,
@@ -349,6 +376,11 @@ class StreamProcessor:
         now = time.monotonic()
         if now - self._last_commit >= self.config.commit_interval_s:
             self.commit()
+        if self.watcher is not None:
+            switch = self.watcher.poll()
+            if switch is not None:
+                self.commit()  # the old model's work is durable first; if this fails it is redone by the new one
+                self.swap_model(switch)
         if now - self._last_lag >= LAG_INTERVAL_S:
             self._update_lag()
         if now - self._last_evict >= EVICTION_INTERVAL_S:
@@ -392,6 +424,10 @@ class StreamProcessor:
                                 partition=dl.record.partition % self._n_partitions))
         if cfg.extra.get("scores_topic"):
             self._send_scores(str(cfg.extra["scores_topic"]), decoded, result)
+        if self.shadow is not None:
+            for message in self.shadow.process(decoded, result):
+                futures.append(send(cfg.shadow_topic, key=message.key, value=message.value,
+                                    partition=message.partition % self._n_partitions))
         for record in records:
             nxt = record.offset + 1
             if nxt > self._offsets.get(record.partition, -1):
@@ -401,6 +437,38 @@ class StreamProcessor:
         self._track_devices(decoded, result)
         self._observe(decoded, result, time.perf_counter() - started)
         return result
+
+    def swap_model(self, switch: ModelSwitch) -> None:
+        """Serve ``switch.detector`` from the next batch on (call between batches, after a commit).
+
+        The state rule of :mod:`streams.model_watcher`: every device warms up again; devices inside an
+        episode get an ``end`` event of the old model, sent now and committed with the next window.
+        """
+        assert self.watcher is not None
+        handover = self.watcher.apply(switch, self.detector)
+        self.detector = switch.detector
+        if handover.closing_events:
+            self._send_closing_events(handover.closing_events)
+        self.stats.model_switches += 1
+        self.metrics.set_active_devices(len(self.detector.store))
+        self.metrics.set_open_episodes(0)
+
+    def _send_closing_events(self, events: list[AnomalyEvent]) -> None:
+        """``end`` events that no reading caused (``source.offset`` -1), in the partition of their device."""
+        if self.producer is None or not self._producer_ok:
+            logger.warning("%d end events of episodes closed by the model switch are lost: no producer",
+                           len(events))
+            return
+        cfg = self.config
+        if cfg.exactly_once and not self._in_transaction:
+            self.producer.begin_transaction()
+            self._in_transaction = True
+        for event in events:
+            p = self._device_partition.get(event.device_id, 0)
+            key, value = encode_event(event, cfg.input_topic, p, -1)
+            self._futures.append(self.producer.send(cfg.events_topic, key=key, value=value,
+                                                    partition=p % self._n_partitions))
+        self.stats.events.update(end=len(events))
 
     def _track_devices(self, decoded: DecodedBatch, result: ProcessResult) -> None:
         """Remember each touched device's partition (for the changelog and for revocation)."""
@@ -721,6 +789,8 @@ class StreamProcessor:
             return
         gone = [d for d, p in self._device_partition.items() if p in parts]
         self.detector.store.remove(gone)
+        if self.shadow is not None:
+            self.shadow.drop_devices(gone)
         for d in gone:
             self._device_partition.pop(d, None)
             self._dirty.pop(d, None)
@@ -826,6 +896,8 @@ class StreamProcessor:
         self._last_evict = time.monotonic()
         ttl_ms = int(self.config.idle_ttl_s * 1000)
         gone = self.detector.evict_idle(self._max_event_ts, ttl_ms)
+        if self.shadow is not None and gone:
+            self.shadow.drop_devices(gone)
         for device in gone:
             p = self._device_partition.pop(device, None)
             self._dirty.pop(device, None)

@@ -14,6 +14,7 @@ import time
 import torch
 
 from anomaly.bundle import ModelBundle
+from anomaly.registry import load_model_dir
 from streams.config import ServiceConfig
 from streams.errors import BrokerUnavailableError
 from streams.metrics import MetricsServer, ServiceMetrics
@@ -27,9 +28,9 @@ CONNECT_ATTEMPT_S = 30.0
 
 
 def load_model(config: ServiceConfig) -> tuple[ModelBundle, float]:
-    """The live bundle of ``config.model_dir`` and the seconds it took to load."""
+    """The live bundle of ``config.model_dir`` (a bundle, or a registry's live version) and the seconds it took."""
     started = time.perf_counter()
-    bundle = ModelBundle.load(config.model_dir)
+    bundle, _ = load_model_dir(config.model_dir)
     return bundle, time.perf_counter() - started
 
 

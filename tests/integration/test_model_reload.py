@@ -25,7 +25,6 @@ from anomaly.registry import LIVE_FILE, ModelRegistry
 from anomaly.synthetic import InjectedAnomaly
 from streams.codec import decode_event
 from streams.config import ServiceConfig
-from streams.processor import StreamProcessor
 from tests.integration.helpers import (
     FLEET,
     TRAIN_STEPS,
@@ -39,8 +38,6 @@ from tests.integration.helpers import (
 
 pytestmark = [
     pytest.mark.kafka,
-    pytest.mark.skipif(not hasattr(StreamProcessor, "swap_model"),
-                       reason="StreamProcessor is not wired to the model watcher and shadow scorer yet (issue 7)"),
 ]
 
 HALF = 250

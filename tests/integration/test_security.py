@@ -10,7 +10,7 @@ Against ``tests/secure_kafka.py``'s broker (SASL_PLAINTEXT and SASL_SSL listener
 * the stream processor (admin client, consumer, producer and changelog consumer) scores readings
   with SCRAM-SHA-512 over SASL_SSL, as the Kubernetes ConfigMap configures it;
 * a wrong password fails within a bounded time, and the broker's own log says why (invalid
-  credentials); the service command itself should then stop with a clear error (see the xfail).
+  credentials); the service command itself then stops with exit code 2 and a clear error.
 
 The first tests need no broker: how :mod:`streams.localkafka` renders the SASL listeners.
 """
@@ -194,10 +194,6 @@ def test_wrong_password_fails_within_the_bootstrap_timeout_and_the_broker_says_w
 
 
 @pytest.mark.kafka
-@pytest.mark.xfail(strict=True, reason=(
-    "the service retries a broker it cannot authenticate to forever (processor.connect -> wait_for_broker -> "
-    "BrokerUnavailableError -> run_service's retry loop); needs an authentication check at start-up that "
-    "stops with exit code 2 and a message naming the credentials (see the deployment issue's report)"))
 def test_serve_with_a_wrong_password_stops_with_a_clear_error(secure_kafka: SecureBroker, security_model: Path) -> None:
     env = dict(os.environ)
     env.update({
