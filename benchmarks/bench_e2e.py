@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +104,8 @@ def make_topic(bootstrap: str, name: str) -> str:
 
 def drain(bootstrap: str, model_dir: Path, topic: str, expected_readings: int, guarantee: str = "at_least_once",
           collect_latency: bool = False, stop_after_s: float = 600.0,
-          commit_interval_s: float = 1.0) -> tuple[float, list[float], StreamProcessor]:
+          commit_interval_s: float = 1.0,
+          when_ready: Callable[[], None] | None = None) -> tuple[float, list[float], StreamProcessor]:
     """Run a processor until it has scored ``expected_readings``; returns readings/s (first record to last)."""
     config = ServiceConfig(bootstrap_servers=bootstrap, model_dir=model_dir, input_topic=topic,
                            events_topic=f"{topic}.events", dlq_topic=f"{topic}.dlq",
@@ -123,6 +125,10 @@ def drain(bootstrap: str, model_dir: Path, topic: str, expected_readings: int, g
             original(decoded, result, duration_s)
 
         processor._observe = observe  # type: ignore[method-assign]
+    if when_ready is not None:  # producers start once the partitions are assigned and restored
+        while not processor.metrics.is_ready():
+            processor.step()
+        when_ready()
     first = None
     deadline = time.monotonic() + stop_after_s
     while time.monotonic() < deadline:
@@ -166,6 +172,10 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=100_000, help="single-reading messages to pre-load")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latency-seconds", type=float, default=20.0)
+    parser.add_argument("--latency-fraction", type=float, default=0.5,
+                        help="latency is measured at this fraction of the measured single-message maximum")
+    parser.add_argument("--max-rate", type=float, help="skip the throughput runs; take this as the maximum")
+    parser.add_argument("--commit-interval", type=float, default=1.0, help="the service's commit_interval_s")
     args = parser.parse_args()
     log(f"# bench_e2e: {args.devices} devices, {args.messages} single-reading messages, "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
@@ -177,26 +187,28 @@ def main() -> None:
         try:
             bootstrap = broker.bootstrap
             start_ms = 1_700_000_000_000
-            single = make_topic(bootstrap, "bench.single")
-            payload = messages(args.devices, args.messages, 1, start_ms)
-            rate = preload(bootstrap, single, payload)
-            log(f"pre-loaded {len(payload)} single-reading messages at {rate:,.0f} msgs/s (2 producer processes)")
-            windowed = make_topic(bootstrap, "bench.windowed")
-            wpayload = messages(args.devices, args.messages, 10, start_ms)
-            preload(bootstrap, windowed, wpayload)
-            log(f"pre-loaded {len(wpayload)} windows of 10 ({len(wpayload) * 10} readings)")
-
             ceilings, singles, windows = [], [], []
-            for r in range(args.repeats):
+            if not args.max_rate:
+                single = make_topic(bootstrap, "bench.single")
+                payload = messages(args.devices, args.messages, 1, start_ms)
+                rate = preload(bootstrap, single, payload)
+                log(f"pre-loaded {len(payload)} single-reading messages at {rate:,.0f} msgs/s (2 producer processes)")
+                windowed = make_topic(bootstrap, "bench.windowed")
+                wpayload = messages(args.devices, args.messages, 10, start_ms)
+                preload(bootstrap, windowed, wpayload)
+                log(f"pre-loaded {len(wpayload)} windows of 10 ({len(wpayload) * 10} readings)")
+            for r in range(0 if args.max_rate else args.repeats):
                 ceilings.append(consume_ceiling(bootstrap, single, len(payload)))
-                singles.append(drain(bootstrap, model_dir, single, len(payload))[0])
-                windows.append(drain(bootstrap, model_dir, windowed, len(wpayload) * 10)[0])
+                singles.append(drain(bootstrap, model_dir, single, len(payload),
+                                     commit_interval_s=args.commit_interval)[0])
+                windows.append(drain(bootstrap, model_dir, windowed, len(wpayload) * 10,
+                                     commit_interval_s=args.commit_interval)[0])
                 log(f"repeat {r + 1}: consume ceiling {ceilings[-1]:,.0f} msgs/s, service single "
                     f"{singles[-1]:,.0f} readings/s, windowed {windows[-1]:,.0f} readings/s")
-            single_rate = statistics.median(singles)
+            single_rate = args.max_rate or statistics.median(singles)
 
             latency_topic = make_topic(bootstrap, "bench.latency")
-            target = 0.5 * single_rate
+            target = args.latency_fraction * single_rate
             n = int(target * args.latency_seconds)
             lpayload = messages(args.devices, n, 1, start_ms + 10**9)
             procs = 2
@@ -204,9 +216,13 @@ def main() -> None:
                                   args=(bootstrap, latency_topic, lpayload[i::procs], target / procs))
                        for i in range(procs)]
             consumer_started = time.perf_counter()
-            for w in workers:
-                w.start()
-            _, latencies, _ = drain(bootstrap, model_dir, latency_topic, len(lpayload), collect_latency=True)
+
+            def start_producers() -> None:
+                for w in workers:
+                    w.start()
+
+            _, latencies, _ = drain(bootstrap, model_dir, latency_topic, len(lpayload), collect_latency=True,
+                                    when_ready=start_producers, commit_interval_s=args.commit_interval)
             for w in workers:
                 w.join()
             achieved = len(lpayload) / (time.perf_counter() - consumer_started)
@@ -216,9 +232,10 @@ def main() -> None:
                 f"p50 {p50:.1f} ms, p99 {p99:.1f} ms over {len(lat)} readings")
         finally:
             broker.stop()
-    result = {"readings_per_s_single": round(single_rate), "readings_per_s_windowed": round(statistics.median(windows)),
-              "consume_ceiling_msgs_per_s": round(statistics.median(ceilings)), "p50_ms": round(p50, 1),
-              "p99_ms": round(p99, 1)}
+    result = {"readings_per_s_single": round(single_rate),
+              "readings_per_s_windowed": round(statistics.median(windows)) if windows else None,
+              "consume_ceiling_msgs_per_s": round(statistics.median(ceilings)) if ceilings else None,
+              "p50_ms": round(p50, 1), "p99_ms": round(p99, 1)}
     print(json.dumps(result))
 
 
