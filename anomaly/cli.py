@@ -49,7 +49,7 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def _csv_list(text: str) -> list[str]:
+def csv_list(text: str) -> list[str]:
     items = [s.strip() for s in text.split(",") if s.strip()]
     if not items:
         raise argparse.ArgumentTypeError("expected a comma-separated list of names")
@@ -149,7 +149,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     train = sub.add_parser("train", help="train a model bundle on normal history (CSV or Parquet)",
                            description="Train a forecaster on normal history and calibrate its scorer.")
     train.add_argument("--data", required=True, type=Path, help="CSV or Parquet file of normal readings")
-    train.add_argument("--features", type=_csv_list, help="comma-separated feature columns (default: all numeric)")
+    train.add_argument("--features", type=csv_list, help="comma-separated feature columns (default: all numeric)")
     train.add_argument("--time-col", default="ts", help="timestamp column (ISO-8601 or epoch ms; default: ts)")
     train.add_argument("--device-col", default=None, help="device id column (default: one device)")
     train.add_argument("--out", required=True, type=Path, help="directory to write the model bundle to")

@@ -43,6 +43,7 @@ import pandas as pd
 from kafka import KafkaConsumer, TopicPartition
 from tqdm.auto import tqdm
 
+from anomaly.cli import csv_list
 from streams.codec import decode_event, decode_records
 from streams.errors import CodecError, StreamsError
 
@@ -400,13 +401,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 1 if summary.incomplete_partitions else 0
 
 
-def _csv_list(text: str) -> list[str]:
-    items = [s.strip() for s in text.split(",") if s.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError("expected a comma-separated list of feature names")
-    return items
-
-
 def add_export_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register ``export`` on the ``sensor-anomaly`` subparsers."""
     export = sub.add_parser(
@@ -422,7 +416,7 @@ def add_export_command(sub: argparse._SubParsersAction) -> None:  # type: ignore
     export.add_argument("--out", required=True, type=Path, help="output file: .parquet, .pq, .csv or .csv.gz")
     export.add_argument("--events", action="store_true",
                         help="the topic holds anomaly events (sensor.anomalies or the shadow topic): one row per event")
-    export.add_argument("--features", type=_csv_list, help="comma-separated feature columns (default: all found)")
+    export.add_argument("--features", type=csv_list, help="comma-separated feature columns (default: all found)")
     export.add_argument("--model", type=Path, help="take the feature columns from this bundle or registry's live model")
     export.add_argument("--with-source", action="store_true", help="add partition and offset columns")
     export.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT_S,
