@@ -196,13 +196,13 @@ class StreamingDetector:
         raw = np.full((b, t_steps, f), np.nan, dtype=np.float32)
         # clipped so that an absurd (but finite) value cannot overflow the network's state
         raw[group, k] = np.clip(scaler.transform(values.astype(np.float64)), -INPUT_CLIP, INPUT_CLIP)
-        filled = np.concatenate([store.last_input[slots][:, None, :], raw], axis=1)
-        missing = np.isnan(filled)
-        if missing.any():  # forward-fill a missing feature with its last seen (scaled) value
-            idx = np.where(missing, 0, np.arange(t_steps + 1)[None, :, None])
+        if np.isnan(values).any():  # forward-fill a missing feature with its last seen (scaled) value
+            filled = np.concatenate([store.last_input[slots][:, None, :], raw], axis=1)
+            idx = np.where(np.isnan(filled), 0, np.arange(t_steps + 1)[None, :, None])
             np.maximum.accumulate(idx, axis=1, out=idx)
-            filled = np.take_along_axis(filled, idx, axis=1)
-        x = filled[:, 1:]
+            x = np.take_along_axis(filled, idx, axis=1)[:, 1:]
+        else:  # the common case: only the padding after a short run is NaN
+            x = raw if bool((lengths == t_steps).all()) else np.nan_to_num(raw, nan=0.0)
         index = torch.as_tensor(slots, dtype=torch.long)
         h0, c0 = store.h[:, index], store.c[:, index]
         with torch.inference_mode():

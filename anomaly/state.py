@@ -164,7 +164,7 @@ class DeviceStateStore:
         Cost: one dict lookup per device id (Python), the rest vectorised.
         """
         get = self._slots.get
-        slots = np.fromiter((get(d, -1) for d in device_ids), dtype=np.int64, count=len(device_ids))
+        slots = np.array([get(d, -1) for d in device_ids], dtype=np.int64).reshape(len(device_ids))
         new = np.flatnonzero(slots < 0)
         if len(new):
             need = len(new) - len(self._free) + len(self._ids) - self.capacity
