@@ -11,7 +11,6 @@ bootstrap servers also fall back to ``KAFKA_BOOTSTRAP_SERVERS``.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Mapping
@@ -237,7 +236,3 @@ def _parse(name: str, raw: str, hint: Any, source: str) -> Any:
     except ValueError as exc:
         raise ConfigError(f"setting {name} from {source}: cannot use {raw!r} ({exc})") from None
 
-
-def replace(config: ServiceConfig, **changes: Any) -> ServiceConfig:
-    """A copy with some settings changed (validated again)."""
-    return dataclasses.replace(config, **changes)

@@ -86,6 +86,7 @@ from kafka.errors import (
     RebalanceInProgressError,
     UnknownMemberIdError,
 )
+from kafka.structs import OffsetAndMetadata
 
 from anomaly.bundle import ModelBundle
 from anomaly.detector import StreamingDetector
@@ -963,14 +964,9 @@ def _close_quietly(producer: KafkaProducer) -> None:
                 sender.force_close()
 
 
-def _offset(offset: int) -> Any:
-    """kafka-python's OffsetAndMetadata for a commit (its signature grew a leader epoch in 2.x)."""
-    from kafka.structs import OffsetAndMetadata
-
-    try:
-        return OffsetAndMetadata(offset, "", -1)
-    except TypeError:  # pragma: no cover - older kafka-python
-        return OffsetAndMetadata(offset, "")
+def _offset(offset: int) -> OffsetAndMetadata:
+    """kafka-python's OffsetAndMetadata for a commit (no metadata, no leader epoch)."""
+    return OffsetAndMetadata(offset, "", -1)
 
 
 def run_until_signalled(processor: StreamProcessor, signals: Iterable[int] | None = None,
