@@ -124,6 +124,7 @@ class DeviceStateStore:
         self._slots: dict[str, int] = {}
         self._ids: list[str | None] = []
         self._free: list[int] = []
+        self._last_lookup: tuple[np.ndarray, np.ndarray] | None = None  # (device ids, their slots); see slots_for
         self.capacity = 0
         self.h = torch.zeros(num_layers, 0, hidden_size)
         self.c = torch.zeros(num_layers, 0, hidden_size)
@@ -161,8 +162,23 @@ class DeviceStateStore:
     def slots_for(self, device_ids: np.ndarray | Sequence[str]) -> np.ndarray:
         """Slots ``[U]`` of distinct ``device_ids``, allocating zeroed slots for new devices.
 
-        Cost: one dict lookup per device id (Python), the rest vectorised.
+        Cost: one dict lookup per device id (Python), the rest vectorised; none when ``device_ids`` is an
+        array equal to the previous call's (a fleet whose every device reports once per poll), whose
+        slots are remembered until a device is removed.
+
+        >>> store = DeviceStateStore(num_layers=1, hidden_size=4, n_features=2)
+        >>> ids = np.array(["a", "b"], dtype=object)
+        >>> store.slots_for(ids).tolist(), store.slots_for(ids.copy()).tolist()
+        ([0, 1], [0, 1])
+        >>> store.remove(["a"]), "a" in store
+        (1, False)
+        >>> store.slots_for(ids).tolist(), "a" in store  # "a" is new again, not remembered
+        ([0, 1], True)
         """
+        last = self._last_lookup
+        if (last is not None and isinstance(device_ids, np.ndarray) and device_ids.shape == last[0].shape
+                and np.array_equal(device_ids, last[0])):
+            return last[1].copy()
         get = self._slots.get
         slots = np.array([get(d, -1) for d in device_ids], dtype=np.int64).reshape(len(device_ids))
         new = np.flatnonzero(slots < 0)
@@ -181,6 +197,8 @@ class DeviceStateStore:
                 self._slots[device] = slot
                 slots[i] = slot
             self.reset(slots[new])
+        if isinstance(device_ids, np.ndarray):  # copies: the caller may reuse its arrays
+            self._last_lookup = (device_ids.copy(), slots.copy())
         return slots
 
     def _grow(self, capacity: int) -> None:
@@ -232,6 +250,7 @@ class DeviceStateStore:
     def remove(self, device_ids: Iterable[str]) -> int:
         """Drop devices' state (e.g. their partition was revoked); returns how many were held."""
         removed = []
+        self._last_lookup = None  # a removed device's slot may go to another device
         for device in device_ids:
             slot = self._slots.pop(device, None)
             if slot is not None:
