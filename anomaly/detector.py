@@ -69,6 +69,12 @@ INPUT_CLIP = 1e4
 """Scaled inputs are clipped to ±this many training standard deviations before the LSTM: far beyond
 anything normal (the score saturates long before), yet finite, so a device's state survives garbage."""
 
+ROW_BLOCK = 2048
+"""Devices per forward pass. A pass over B devices writes the gates, ``[B, 4H]`` floats (10 MB for 10,000
+devices at H = 64), and reads them back; blocks of 2,048 (2 MB) stay in cache. Measured for 10,000 devices,
+one thread, on a shared 2-core machine: the LSTM step 1.3-1.7x faster than in one pass (1,024 and 4,096 a
+little slower than 2,048, 256 slower than one pass)."""
+
 
 class StreamingDetector:
     """Scores readings of a fleet against one model bundle, remembering each device's state.
@@ -109,6 +115,7 @@ class StreamingDetector:
             self.score_threshold = float(np.float32(self.novelty_config.threshold))
         else:
             self.score_threshold = float(score_from_surprise(self.config.threshold))
+        self._distinct_ids: np.ndarray | None = None  # the previous call's device ids, if all distinct
 
     @property
     def model_version(self) -> str:
@@ -130,7 +137,7 @@ class StreamingDetector:
             expected=np.full((n, len(self.features)), np.nan, dtype=np.float32))
         if n == 0:
             return result
-        codes, uniques = pd.factorize(batch.device_ids)
+        codes, uniques = self._factorize(batch.device_ids)
         order = np.lexsort((batch.timestamps_ms, codes))
         empty = np.isnan(batch.values[order]).all(axis=1)
         if empty.any():  # a reading with every feature missing must not pass for a perfectly normal one
@@ -172,6 +179,20 @@ class StreamingDetector:
         result.gap_resets = int(gap.sum())
         return result
 
+    def _factorize(self, device_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``pd.factorize(device_ids)``: codes ``[N]`` and distinct ids ``[U]`` in order of appearance.
+
+        A fleet whose devices each report once per poll sends the same ids again and again: when they
+        equal the previous call's distinct ids, the codes are ``0..N-1`` without hashing any id.
+        """
+        last = self._distinct_ids
+        if last is not None and device_ids.shape == last.shape and np.array_equal(device_ids, last):
+            return np.arange(len(device_ids)), device_ids
+        codes, uniques = pd.factorize(device_ids)
+        # a copy: the caller may reuse its array
+        self._distinct_ids = device_ids.copy() if len(uniques) == len(device_ids) else None
+        return codes, uniques
+
     def _run_pass(self, dev: np.ndarray, ts: np.ndarray, values: np.ndarray, rows: np.ndarray,
                   gap: np.ndarray, slots_of_code: np.ndarray, batch: ReadingBatch,
                   result: ProcessResult) -> None:
@@ -203,14 +224,7 @@ class StreamingDetector:
             x = np.take_along_axis(filled, idx, axis=1)[:, 1:]
         else:  # the common case: only the padding after a short run is NaN
             x = raw if bool((lengths == t_steps).all()) else np.nan_to_num(raw, nan=0.0)
-        index = torch.as_tensor(slots, dtype=torch.long)
-        h0, c0 = store.h[:, index], store.c[:, index]
-        with torch.inference_mode():
-            lens = None if t_steps == 1 or bool((lengths == t_steps).all()) else torch.as_tensor(lengths)
-            pred_t, (hn, cn) = self.model(torch.from_numpy(x), (h0, c0), lens)
-        store.h[:, index] = hn
-        store.c[:, index] = cn
-        pred = pred_t.numpy()
+        pred = self._advance(x, lengths, slots)
 
         expected = np.empty_like(raw)
         expected[:, 0] = store.last_pred[slots]
@@ -280,6 +294,31 @@ class StreamingDetector:
         if len(ev_b):
             self._emit(ev_b, ev_t, started, event_score, residual, expected, start_pos, ts, rows, slots,
                        batch, result, stuck_cells)
+
+    def _advance(self, x: np.ndarray, lengths: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Run the model over ``x`` ``[B, T, F]`` (row i: ``lengths[i]`` readings of the device in ``slots[i]``)
+        from the devices' (h, c), in blocks of ``ROW_BLOCK`` devices; writes (h, c) back to the slabs and
+        returns the predictions ``[B, T, F]``.
+
+        Per block: gather (h, c) ``[L, b, H]`` by slot, one forward pass, scatter (numpy's fancy assignment:
+        a third of the time of torch's ``index_copy_``).
+        """
+        store = self.store
+        h_slab, c_slab = store.h.numpy(), store.c.numpy()
+        pred = np.empty(x.shape, dtype=np.float32)
+        full = x.shape[1] == 1 or bool((lengths == x.shape[1]).all())
+        x_t = torch.from_numpy(x)
+        with torch.inference_mode():
+            for lo in range(0, len(slots), ROW_BLOCK):
+                block = slots[lo:lo + ROW_BLOCK]
+                index = torch.from_numpy(block)
+                lens = None if full else torch.from_numpy(lengths[lo:lo + ROW_BLOCK])
+                out, (hn, cn) = self.model(x_t[lo:lo + ROW_BLOCK],
+                                           (store.h.index_select(1, index), store.c.index_select(1, index)), lens)
+                h_slab[:, block] = hn.numpy()
+                c_slab[:, block] = cn.numpy()
+                pred[lo:lo + ROW_BLOCK] = out.numpy()
+        return pred
 
     def _emit(self, ev_b: np.ndarray, ev_t: np.ndarray, started: np.ndarray, event_score: np.ndarray,
               residual: np.ndarray, expected: np.ndarray, start_pos: np.ndarray, ts: np.ndarray,
