@@ -6,14 +6,15 @@ What it measures, all in one run on one broker (so the figures are comparable on
    changelog on assignment — :func:`streams.changelog.restore_partitions` over the changelog's
    4 partitions (a fresh ``read_committed`` consumer, as a processor's first restore uses), into a
    fresh state store of the benchmark model (LSTM hidden size 64, 4 features: 572-byte snapshots).
-   The changelog holds one snapshot per device (as after compaction) plus commit markers.
+   The changelog holds one record per bucket (the default 64 per partition, each with every
+   snapshot of its devices, as after compaction) plus commit markers.
    Median of the repetitions.
 2. ``eos_throughput_ratio``: readings/s of the service draining the same pre-loaded topic with
    ``exactly_once`` divided by ``at_least_once`` (median of each; runs alternate). The workload is
    the e2e benchmark's: 10,000 devices, 100,000 single-reading messages, 4 partitions,
-   ``commit_interval_s=1``. Both modes pay for the changelog (one record per touched device per
-   commit); exactly-once adds the transaction round trips and read_committed fetches.
-3. Printed, not in the JSON: the same drains at ``commit_interval_s=5`` (changelog records per
+   ``commit_interval_s=1``. Both modes pay for the changelog (each bucket with a touched device is
+   rewritten at each commit); exactly-once adds the transaction round trips and read_committed fetches.
+3. Printed, not in the JSON: the same drains at ``commit_interval_s=5`` (changelog bytes per
    reading fall when devices are touched more than once per interval).
 
 Run: ``.venv/bin/python benchmarks/bench_recovery.py [--repeats 3] [--messages 100000]``.
@@ -39,8 +40,9 @@ from kafka import KafkaConsumer, KafkaProducer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anomaly.bundle import ModelBundle
+from anomaly.snapshots import encode_states
 from anomaly.state import DeviceStateStore
-from streams.changelog import MARKER_KEY, encode_marker, encode_value, restore_partitions
+from streams.changelog import MARKER_KEY, bucket_key, bucket_of, encode_bucket, encode_marker, restore_partitions
 from streams.codec import encode_reading
 from streams.config import ServiceConfig
 from streams.kafka_admin import TopicSpec, admin_client, ensure_topics
@@ -49,6 +51,7 @@ from streams.processor import StreamProcessor
 
 FEATURES = ("temp", "vibration", "current", "pressure")
 PARTITIONS = 4
+BUCKETS = ServiceConfig.changelog_buckets  # the default of the setting
 HIDDEN = 64
 
 
@@ -66,7 +69,7 @@ def make_topic(bootstrap: str, name: str, configs: dict[str, str] | None = None)
 
 
 def fill_changelog(bootstrap: str, topic: str, devices: int, model: ModelBundle) -> int:
-    """One snapshot per device (random state) and a marker per partition; returns bytes written."""
+    """One record per bucket (random device state) and a marker per partition; returns bytes written."""
     store = DeviceStateStore(model.model.num_layers, model.model.hidden_size, len(FEATURES),
                              model_version=model.version, capacity=devices)
     ids = np.array([f"dev-{i:06d}" for i in range(devices)], dtype=object)
@@ -81,12 +84,13 @@ def fill_changelog(bootstrap: str, topic: str, devices: int, model: ModelBundle)
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=1024 * 1024,
                              max_request_size=4 * 1024 * 1024)
     written = 0
-    for start in range(0, devices, 10_000):
-        chunk = ids[start:start + 10_000].tolist()
-        for i, (device, blob) in enumerate(zip(chunk, store.snapshot_many(chunk), strict=True)):
-            value = encode_value(blob, 1)
-            written += len(value)
-            producer.send(topic, key=device.encode(), value=value, partition=(start + i) % PARTITIONS)
+    groups: dict[tuple[int, int], list[str]] = {}
+    for i, device in enumerate(ids.tolist()):
+        groups.setdefault((i % PARTITIONS, bucket_of(device, BUCKETS)), []).append(device)
+    for (p, b), members in sorted(groups.items()):
+        value = encode_bucket(encode_states(store, members), 1)
+        written += len(value)
+        producer.send(topic, key=bucket_key(b, BUCKETS), value=value, partition=p)
     for p in range(PARTITIONS):
         producer.send(topic, key=MARKER_KEY, value=encode_marker(1), partition=p)
     producer.flush()
@@ -104,8 +108,8 @@ def time_restore(bootstrap: str, topic: str, devices: int, model: ModelBundle) -
                              max_partition_fetch_bytes=16 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)
 
     started = time.perf_counter()
-    report = restore_partitions(consumer, topic, range(PARTITIONS), store, min_next_offsets={p: 1 for p in
-                                                                                            range(PARTITIONS)})
+    report = restore_partitions(consumer, topic, range(PARTITIONS), store, buckets=BUCKETS,
+                                min_next_offsets={p: 1 for p in range(PARTITIONS)})
     elapsed = time.perf_counter() - started
     assert report.restored == devices == len(store), (report.restored, devices, len(store))
     return elapsed, report.records

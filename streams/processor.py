@@ -91,7 +91,8 @@ from kafka.structs import OffsetAndMetadata
 from anomaly.bundle import ModelBundle
 from anomaly.detector import StreamingDetector
 from anomaly.events import AnomalyEvent, ProcessResult, ReadingStatus
-from streams.changelog import MARKER_KEY, encode_marker, encode_value, restore_partitions
+from anomaly.snapshots import encode_states
+from streams.changelog import MARKER_KEY, bucket_key, bucket_of, encode_bucket, encode_marker, restore_partitions
 from streams.codec import DecodedBatch, dead_letter_headers, decode_records, encode_event
 from streams.config import ServiceConfig
 from streams.errors import BrokerUnavailableError, ConfigError, FencedError
@@ -137,6 +138,10 @@ MARKER_WAIT_S = TRANSACTION_TIMEOUT_MS / 1000 + 10
 instance's open transaction holds read_committed readers back until the broker aborts it (after the
 transaction timeout) unless the instance comes back with its transactional id first."""
 BACKOFF_INITIAL_S = 0.5
+CHANGELOG_MAX_RECORD_BYTES = 8 * 1024 * 1024
+"""Largest changelog bucket record the producer and the changelog topic (``max.message.bytes``) accept."""
+BUCKET_WARN_BYTES = 1024 * 1024
+"""A bucket record larger than this is logged with advice to raise ``changelog_buckets``."""
 
 _GENERATION_ERRORS = (CommitFailedError, IllegalGenerationError, UnknownMemberIdError, RebalanceInProgressError)
 _RECOVERABLE = (KafkaError, TimeoutError, OSError, BrokerUnavailableError)
@@ -219,8 +224,11 @@ class StreamProcessor:
         self._committed: dict[int, int | None] = {}  # last committed offset known per partition
         self._position: dict[int, int] = {}  # next offset to process per ready partition
         self._device_partition: dict[str, int] = {}
+        self._device_bucket: dict[str, int] = {}  # changelog bucket of each device (streams/changelog.py)
+        self._members: dict[tuple[int, int], set[str]] = {}  # (partition, bucket) → its devices
         self._dirty: dict[str, int] = {}  # devices touched since the last commit → partition
-        self._tombstones: dict[str, int] = {}
+        self._dirty_buckets: set[tuple[int, int]] = set()  # buckets that lost a device (evicted or moved)
+        self._stale_keys: dict[int, list[bytes]] = {}  # changelog keys of another layout, to delete
         self._offsets: dict[int, int] = {}  # partition → next offset to commit
         self._futures: list[Any] = []
         self._in_transaction = False
@@ -283,7 +291,7 @@ class StreamProcessor:
         """Open the producer; exactly-once: ``init_transactions`` (fences and aborts this id's older epoch)."""
         cfg = self.config
         producer_cfg: dict[str, Any] = {"acks": "all", "linger_ms": 5, "batch_size": 256 * 1024,
-                                        "max_request_size": max(cfg.max_message_bytes * 2, 2 * 1024 * 1024),
+                                        "max_request_size": max(cfg.max_message_bytes * 2, CHANGELOG_MAX_RECORD_BYTES),
                                         "enable_idempotence": True, "max_block_ms": MAX_BLOCK_MS,
                                         **self._client_config()}
         if cfg.exactly_once:
@@ -317,7 +325,8 @@ class StreamProcessor:
             cfg.events_topic: TopicSpec(n, cfg.replication_factor),
             cfg.dlq_topic: TopicSpec(n, cfg.replication_factor),
             cfg.changelog_topic: TopicSpec(n, cfg.replication_factor,
-                                           {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}),
+                                           {"cleanup.policy": "compact", "min.compaction.lag.ms": "0",
+                                            "max.message.bytes": str(CHANGELOG_MAX_RECORD_BYTES)}),
         }
         if cfg.shadow_model:
             specs[cfg.shadow_topic] = TopicSpec(n, cfg.replication_factor)
@@ -482,11 +491,44 @@ class StreamProcessor:
         first[codes[::-1]] = np.arange(len(codes))[::-1]
         parts = decoded.source_partition[advanced][first].tolist()
         touched = dict(zip(uniques.tolist(), parts, strict=True))
-        self._device_partition.update(touched)
+        placed = touched.items() - self._device_partition.items()  # new devices, or ones that changed partition
+        if placed:
+            self._place(placed)
         self._dirty.update(touched)
         ts = decoded.batch.timestamps_ms
         if len(ts):
             self._max_event_ts = max(self._max_event_ts, int(ts.max()))
+
+    def _place(self, devices: Iterable[tuple[str, int]]) -> None:
+        """Record each device's partition and changelog bucket; a device that moved leaves its old bucket dirty."""
+        buckets = self.config.changelog_buckets
+        partition_of, bucket_of_device, members = self._device_partition, self._device_bucket, self._members
+        for device, p in devices:
+            b = bucket_of_device.get(device)
+            if b is None:
+                b = bucket_of_device[device] = bucket_of(device, buckets)
+            old = partition_of.get(device)
+            if old is not None and old != p:
+                members[(old, b)].discard(device)
+                self._dirty_buckets.add((old, b))
+            partition_of[device] = p
+            members.setdefault((p, b), set()).add(device)
+
+    def _forget(self, devices: Iterable[str], *, rewrite: bool) -> None:
+        """Drop devices from the bookkeeping; ``rewrite`` marks their buckets to be written without them."""
+        for device in devices:
+            p = self._device_partition.pop(device, None)
+            b = self._device_bucket.pop(device, None)
+            self._dirty.pop(device, None)
+            if p is None or b is None:
+                continue
+            members = self._members.get((p, b))
+            if members is not None:
+                members.discard(device)
+                if not members:
+                    del self._members[(p, b)]
+            if rewrite:
+                self._dirty_buckets.add((p, b))
 
     def _send_scores(self, topic: str, decoded: DecodedBatch, result: ProcessResult) -> None:
         """One record per source partition with every reading's score (debugging, replay comparisons)."""
@@ -524,7 +566,7 @@ class StreamProcessor:
 
     # ---------------------------------------------------------------- commit
     def _has_uncommitted(self) -> bool:
-        return bool(self._offsets or self._dirty or self._tombstones or self._in_transaction)
+        return bool(self._offsets or self._dirty or self._dirty_buckets or self._stale_keys or self._in_transaction)
 
     def commit(self, final: bool = False) -> bool:
         """Make everything since the last commit durable, then commit offsets (see the module docstring).
@@ -566,7 +608,8 @@ class StreamProcessor:
             self._committed[p] = offset
         self._offsets.clear()
         self._dirty.clear()
-        self._tombstones.clear()
+        self._dirty_buckets.clear()
+        self._stale_keys.clear()
         self._futures.clear()
         if final:
             logger.info("final commit done")
@@ -647,24 +690,32 @@ class StreamProcessor:
                                   f"e.g. {what}: {first.exception if first.is_done else 'not done'}")
 
     def _send_changelog(self) -> int:
-        """Snapshots of the devices touched since the last commit, tombstones, one marker per partition."""
+        """Every bucket with a device touched or dropped since the last commit, stale keys' tombstones, markers.
+
+        A bucket record holds the state of all the bucket's devices, column-wise (streams/changelog.py):
+        one ``send`` and a few array copies per bucket instead of one of each per device keep the commit short.
+        """
         assert self.producer is not None
         cfg = self.config
         store = self.detector.store
-        devices = [d for d in self._dirty if d in store]
-        written = 0
-        blobs = store.snapshot_many(devices) if devices else []
+        bucket = self._device_bucket
+        touched = {(p, bucket[d]) for d, p in self._dirty.items()} | self._dirty_buckets
+        groups = [(key, sorted(d for d in self._members.get(key, ()) if d in store)) for key in sorted(touched)]
         send = self.producer.send
         futures = self._futures
-        n = self._n_partitions
-        for device, blob in zip(devices, blobs, strict=True):
-            p = self._dirty[device]
-            value = encode_value(blob, self._offsets.get(p, -1))
-            key = device.encode()
-            written += len(value) + len(key)
-            futures.append(send(cfg.changelog_topic, key=key, value=value, partition=p % n))
-        for device, p in self._tombstones.items():
-            futures.append(send(cfg.changelog_topic, key=device.encode(), value=None, partition=p % n))
+        n, buckets = self._n_partitions, cfg.changelog_buckets
+        written = 0
+        for (p, b), devices in groups:
+            value = encode_bucket(encode_states(store, devices), self._offsets.get(p, -1)) if devices else None
+            written += len(value) if value is not None else 0
+            if value is not None and len(value) > BUCKET_WARN_BYTES:
+                logger.warning("changelog bucket %d of partition %d holds %d devices (%d bytes): raise "
+                               "changelog_buckets (now %d) to keep records small", b, p, len(devices), len(value),
+                               buckets)
+            futures.append(send(cfg.changelog_topic, key=bucket_key(b, buckets), value=value, partition=p % n))
+        for p, keys in self._stale_keys.items():
+            for key in keys:
+                futures.append(send(cfg.changelog_topic, key=key, value=None, partition=p % n))
         for p, offset in self._offsets.items():
             futures.append(send(cfg.changelog_topic, key=MARKER_KEY, value=encode_marker(offset), partition=p % n))
         return written
@@ -708,12 +759,13 @@ class StreamProcessor:
 
     def _discard_uncommitted(self, exc: BaseException | None, why: str) -> None:
         """Forget everything since the last commit; its partitions are restored and re-read from Kafka."""
-        tainted = set(self._offsets) | set(self._dirty.values()) | set(self._tombstones.values())
+        tainted = set(self._offsets) | set(self._dirty.values()) | {p for p, _ in self._dirty_buckets}
         self.stats.rewinds += 1
         self._abandon_transaction(exc)
         self._offsets.clear()
         self._dirty.clear()
-        self._tombstones.clear()
+        self._dirty_buckets.clear()
+        self._stale_keys.clear()  # found again by the restore that follows
         self._futures.clear()
         redo = tainted & (self._ready | self._kept)
         if exc is not None or redo:
@@ -792,11 +844,10 @@ class StreamProcessor:
         self.detector.store.remove(gone)
         if self.shadow is not None:
             self.shadow.drop_devices(gone)
-        for d in gone:
-            self._device_partition.pop(d, None)
-            self._dirty.pop(d, None)
-            self._tombstones.pop(d, None)
+        self._forget(gone, rewrite=False)
+        self._dirty_buckets = {(p, b) for p, b in self._dirty_buckets if p not in parts}
         for p in parts:
+            self._stale_keys.pop(p, None)
             self._offsets.pop(p, None)
             self._position.pop(p, None)
             self._committed.pop(p, None)
@@ -825,14 +876,16 @@ class StreamProcessor:
             try:
                 report = restore_partitions(
                     self._restore_consumer(), cfg.changelog_topic, load, self.detector.store,
+                    buckets=cfg.changelog_buckets,
                     min_next_offsets={p: committed[p] for p in load} if cfg.exactly_once else None,
                     timeout_s=RESTORE_TIMEOUT_S, marker_wait_s=MARKER_WAIT_S, on_progress=self.metrics.mark_progress)
             except BaseException:
                 self._close_restore_client()
                 raise
             for p, devices in report.devices.items():
-                for d in devices:
-                    self._device_partition[d] = p
+                self._place((d, p) for d in devices)
+            for p, keys in report.stale_keys.items():
+                self._stale_keys.setdefault(p, []).extend(keys)
         missing = [tps[p] for p in parts if committed[p] is None]
         beginnings = self.consumer.beginning_offsets(missing) if missing else {}
         for p in parts:
@@ -899,11 +952,7 @@ class StreamProcessor:
         gone = self.detector.evict_idle(self._max_event_ts, ttl_ms)
         if self.shadow is not None and gone:
             self.shadow.drop_devices(gone)
-        for device in gone:
-            p = self._device_partition.pop(device, None)
-            self._dirty.pop(device, None)
-            if p is not None:
-                self._tombstones[device] = p
+        self._forget(gone, rewrite=True)
         if gone:
             self.metrics.add_evictions(len(gone))
 

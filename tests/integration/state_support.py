@@ -275,9 +275,11 @@ class Instance:
     def log_text(self) -> str:
         return "\n".join(log.read_text(errors="replace") for log in self.logs if log.exists())
 
-    def wait_for_log(self, needle: str, timeout_s: float = 60.0) -> None:
+    def wait_for_log(self, needle: str, timeout_s: float = 60.0, current: bool = False) -> None:
+        """Wait until the log (``current``: the log of the running process only, not of earlier ones) has ``needle``."""
         deadline = time.monotonic() + timeout_s
-        while needle not in self.log_text():
+        while needle not in (self.logs[-1].read_text(errors="replace") if current and self.logs[-1].exists()
+                             else "" if current else self.log_text()):
             if not self.alive():
                 raise AssertionError(f"{self.name} exited before logging {needle!r}\n{self.output()}")
             if time.monotonic() > deadline:

@@ -24,8 +24,9 @@ import pytest
 from kafka import KafkaProducer
 
 from anomaly.bundle import ModelBundle
+from anomaly.snapshots import decode_states, encode_states
 from anomaly.state import DeviceStateStore
-from streams.changelog import encode_value
+from streams.changelog import decode_bucket, encode_bucket, parse_bucket_key
 from tests.integration.helpers import ProcessorThread, consume_all, produce, scores_of
 from tests.integration.state_support import (
     Instance,
@@ -116,6 +117,8 @@ def test_sigkill_and_restart_scores_every_reading_like_the_uninterrupted_run(kaf
         time.sleep(rng.uniform(0.5, 3.0))
         a.start()
         feeder.join(timeout=60)
+        # the restarted process must be running (not still importing torch) before it is asked to stop
+        a.wait_for_log("partitions assigned", timeout_s=90, current=True)
         wait_until_committed(kafka_bootstrap, topic, group, timeout_s=90, check=lambda: check_alive(instances))
         codes = [a.terminate(), b.terminate()]
     finally:
@@ -221,17 +224,24 @@ def test_corrupt_unknown_format_and_other_model_snapshots_are_counted_and_those_
     first.stop()
 
     changelog = consume_all(kafka_bootstrap, cfg.changelog_topic, read_committed=True)
-    partition_of = {r.key.decode(): r.partition for r in changelog if r.key}
+    home: dict[str, tuple[int, bytes, int]] = {}  # device → (partition, bucket key, devices in that bucket)
+    for r in changelog:
+        if r.key and parse_bucket_key(r.key) and r.value is not None:
+            ids = decode_states(decode_bucket(r.value)[1]).device_ids
+            for device in ids:
+                home[device] = (r.partition, r.key, len(ids))
     stranger = DeviceStateStore(1, 4, len(bundle.features), model_version="other-model")
     stranger.slots_for(np.array(["dev-00006"], dtype=object))
     tampered = {
-        "dev-00003": encode_value(b"\x00garbage that is no snapshot", half),  # corrupt
-        "dev-00004": struct.pack("<4sBq", b"SACL", 99, half) + b"from a future version",  # unknown format
-        "dev-00006": encode_value(stranger.snapshot("dev-00006"), half),  # another model version
+        "dev-00003": encode_bucket(b"\x00garbage that is no state", half),  # corrupt
+        "dev-00004": struct.pack("<4sBq", b"SACB", 99, half) + b"from a future version",  # unknown format
+        "dev-00006": encode_bucket(encode_states(stranger, ["dev-00006"]), half),  # another model version
     }
+    assert all(home[device][2] == 1 for device in tampered), "each tampered device must be alone in its bucket"
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     for device, value in tampered.items():
-        producer.send(cfg.changelog_topic, key=device.encode(), value=value, partition=partition_of[device])
+        partition, key, _ = home[device]
+        producer.send(cfg.changelog_topic, key=key, value=value, partition=partition)
     producer.flush()
     producer.close()
 

@@ -14,20 +14,25 @@ import numpy as np
 import pytest
 from kafka import TopicPartition
 
+from anomaly.snapshots import encode_states
 from anomaly.state import DeviceStateStore
 from streams.changelog import (
     MARKER_KEY,
     ChangelogRecordError,
+    bucket_key,
+    bucket_of,
+    decode_bucket,
     decode_marker,
-    decode_value,
+    encode_bucket,
     encode_marker,
-    encode_value,
     is_marker,
+    parse_bucket_key,
     restore_partitions,
 )
 
 Record = namedtuple("Record", "topic partition offset key value")
 TOPIC = "g-state-changelog"
+BUCKETS = 4
 
 
 class FakeLog:
@@ -80,81 +85,104 @@ def make_store(version: str = "1") -> DeviceStateStore:
     return DeviceStateStore(num_layers=1, hidden_size=4, n_features=2, model_version=version)
 
 
-def snapshot_of(device: str, steps: int, version: str = "1") -> bytes:
+def states_of(devices: dict[str, int], version: str = "1") -> bytes:
+    """The state blob of ``devices`` (name → steps; h is set to the steps too)."""
     store = make_store(version)
-    store.slots_for(np.array([device], dtype=object))
-    store.steps[store.slot_of(device)] = steps
-    store.h[0, store.slot_of(device)] = float(steps)
-    return store.snapshot(device)
+    store.slots_for(np.array(list(devices), dtype=object))
+    for device, steps in devices.items():
+        store.steps[store.slot_of(device)] = steps
+        store.h[0, store.slot_of(device)] = float(steps)
+    return encode_states(store, list(devices))
 
 
-def rec(partition: int, device: str, steps: int, offset: int = 0, version: str = "1"):
-    return partition, device.encode(), encode_value(snapshot_of(device, steps, version), offset)
+def rec(partition: int, devices: dict[str, int], offset: int = 0, version: str = "1"):
+    """One bucket record holding ``devices`` (name → steps), which must share a bucket."""
+    (bucket,) = {bucket_of(d, BUCKETS) for d in devices}
+    return partition, bucket_key(bucket, BUCKETS), encode_bucket(states_of(devices, version), offset)
 
 
-def test_value_and_marker_round_trip_and_reject_garbage():
-    assert decode_value(encode_value(b"abc", 17)) == (17, b"abc")
+def same_bucket(n: int, bucket: int = 0) -> list[str]:
+    """``n`` device names in ``bucket`` (of BUCKETS)."""
+    names = (f"dev-{i}" for i in range(10_000))
+    return [d for d in names if bucket_of(d, BUCKETS) == bucket][:n]
+
+
+A, B, C = same_bucket(2, 0) + same_bucket(1, 1)
+
+
+def test_bucket_values_keys_and_markers_round_trip_and_reject_garbage():
+    assert decode_bucket(encode_bucket(b"abc", 17)) == (17, b"abc")
     assert decode_marker(encode_marker(99)) == 99
+    assert parse_bucket_key(bucket_key(3, BUCKETS)) == (BUCKETS, 3)
+    assert parse_bucket_key(b"dev-1") is None and parse_bucket_key(MARKER_KEY) is None
+    assert parse_bucket_key(b"\xff\x04\x00\x09\x00") is None  # bucket 9 of 4
     assert is_marker(MARKER_KEY) and not is_marker(b"d") and not is_marker(None)
+    assert all(0 <= bucket_of(f"d{i}", BUCKETS) < BUCKETS for i in range(100))
     with pytest.raises(ChangelogRecordError) as bad:
-        decode_value(b"\x00" * 20)
+        decode_bucket(b"\x00" * 20)
     assert bad.value.reason == "corrupt"
-    future = struct.pack("<4sBq", b"SACL", 9, 0) + b"x"
+    future = struct.pack("<4sBq", b"SACB", 9, 0)
     with pytest.raises(ChangelogRecordError) as unknown:
-        decode_value(future)
+        decode_bucket(future)
     assert unknown.value.reason == "format"
     with pytest.raises(ChangelogRecordError):
-        decode_marker(encode_value(b"", 1))  # a snapshot is not a marker
+        decode_marker(encode_bucket(b"", 1))  # a bucket is not a marker
 
 
-def test_restore_loads_newest_snapshot_per_device_and_honours_tombstones():
+def test_restore_loads_the_newest_record_of_each_bucket_and_honours_tombstones():
     log = FakeLog([
-        rec(0, "a", 1), rec(0, "b", 1), rec(1, "c", 5),
-        rec(0, "a", 2),  # newer version of a
-        (0, b"b", None),  # b evicted
+        rec(0, {A: 1, B: 1}), rec(1, {C: 5}),
+        rec(0, {A: 2}),  # newer version of A's bucket: B was evicted
         (0, MARKER_KEY, encode_marker(10)), (1, MARKER_KEY, encode_marker(4)),
+        rec(0, {C: 7}), (0, bucket_key(1, BUCKETS), None),  # C moved to partition 0, then its bucket emptied
     ])
     store = make_store()
-    report = restore_partitions(log, TOPIC, [0, 1], store)
-    assert sorted(store.devices()) == ["a", "c"]
-    assert int(store.steps[store.slot_of("a")]) == 2 and float(store.h[0, store.slot_of("a"), 0]) == 2.0
-    assert report.devices == {0: ["a"], 1: ["c"]}
+    report = restore_partitions(log, TOPIC, [0, 1], store, buckets=BUCKETS)
+    assert sorted(store.devices()) == sorted([A, C])
+    assert int(store.steps[store.slot_of(A)]) == 2 and float(store.h[0, store.slot_of(A), 0]) == 2.0
+    assert int(store.steps[store.slot_of(C)]) == 5
+    assert report.devices == {0: [A], 1: [C]}
     assert report.markers == {0: 10, 1: 4}
-    assert report.records == 7 and not report.discarded
+    assert report.records == 7 and not report.discarded and not report.stale_keys
     assert not log.closed  # a consumer passed in is the caller's
 
 
 def test_restore_only_reads_the_partitions_asked_for_and_closes_a_factory_consumer():
-    log = FakeLog([rec(0, "a", 1), rec(1, "c", 5)])
+    log = FakeLog([rec(0, {A: 1}), rec(1, {C: 5})])
     store = make_store()
-    report = restore_partitions(lambda: log, TOPIC, [1], store)
-    assert store.devices() == ["c"] and report.restored == 1 and log.closed
+    report = restore_partitions(lambda: log, TOPIC, [1], store, buckets=BUCKETS)
+    assert store.devices() == [C] and report.restored == 1 and log.closed
 
 
-def test_corrupt_unknown_format_and_other_model_snapshots_are_counted_and_skipped():
-    good = rec(0, "good", 3)
-    corrupt_blob = bytearray(snapshot_of("crc", 3))
-    corrupt_blob[-6] ^= 0xFF  # breaks the snapshot checksum
+def test_corrupt_unknown_format_other_model_and_other_layout_records_are_counted_and_skipped():
+    good, other, old = same_bucket(3, 2)
+    stray = same_bucket(1, 0)[0]  # a device in a bucket that is not its own
+    corrupt = bytearray(states_of({A: 3}))
+    corrupt[-6] ^= 0xFF  # breaks the state checksum
     log = FakeLog([
-        good,
-        (0, b"junk", b"not a record at all"),
-        (0, b"crc", encode_value(bytes(corrupt_blob), 0)),
-        (0, b"future", struct.pack("<4sBq", b"SACL", 2, 0) + snapshot_of("future", 3)),
-        (0, b"renamed", encode_value(snapshot_of("other", 3), 0)),  # key and snapshot disagree
-        rec(0, "old-model", 3, version="0"),
+        (0, bucket_key(2, BUCKETS), encode_bucket(states_of({good: 3, stray: 3}), 0)),
+        (1, bucket_key(2, BUCKETS), encode_bucket(states_of({other: 3}, version="0"), 0)),  # another model
+        (0, bucket_key(0, BUCKETS), encode_bucket(bytes(corrupt), 0)),
+        (0, bucket_key(3, BUCKETS), b"not a record at all"),
+        (0, bucket_key(1, BUCKETS), struct.pack("<4sBq", b"SACB", 2, 0) + states_of({C: 1})),  # a future format
+        (0, old.encode(), b"a per-device record of an older release"),
+        (0, bucket_key(0, 8), encode_bucket(states_of({A: 1}), 0)),  # written with changelog_buckets=8
+        (0, b"gone", b"old"), (0, b"gone", None),  # a stale key already deleted
         (0, None, b"keyless"),
         (0, MARKER_KEY, b"bad marker"),
     ])
     store = make_store()
-    report = restore_partitions(log, TOPIC, [0], store)
-    assert store.devices() == ["good"]
-    assert report.discarded == {"corrupt": 5, "format": 1, "model_version": 1}
+    report = restore_partitions(log, TOPIC, [0, 1], store, buckets=BUCKETS)
+    assert store.devices() == [good] and report.devices == {0: [good], 1: []}
+    # corrupt: the stray device, the bad checksum, the junk bucket, the keyless record, the bad marker
+    assert report.discarded == {"corrupt": 5, "format": 3, "model_version": 1}
+    assert sorted(report.stale_keys[0]) == sorted([old.encode(), bucket_key(0, 8)])
     assert report.markers == {}
 
 
 def test_restore_waits_until_the_marker_of_the_committed_offset_is_visible():
-    records = [rec(0, "a", 1, offset=5), (0, MARKER_KEY, encode_marker(5)),
-               rec(0, "a", 2, offset=9), (0, MARKER_KEY, encode_marker(9))]
+    records = [rec(0, {A: 1}, offset=5), (0, MARKER_KEY, encode_marker(5)),
+               rec(0, {A: 2}, offset=9), (0, MARKER_KEY, encode_marker(9))]
     log = FakeLog(records, visible={0: 2})  # the last transaction's markers are not written yet
 
     def land(consumer: FakeLog) -> None:
@@ -163,25 +191,25 @@ def test_restore_waits_until_the_marker_of_the_committed_offset_is_visible():
 
     log.on_end_offsets = land
     store = make_store()
-    report = restore_partitions(log, TOPIC, [0], store, min_next_offsets={0: 9}, marker_wait_s=30)
+    report = restore_partitions(log, TOPIC, [0], store, buckets=BUCKETS, min_next_offsets={0: 9}, marker_wait_s=30)
     assert report.waited_for_marker and report.markers == {0: 9}
-    assert int(store.steps[store.slot_of("a")]) == 2  # the state of the committed offset, not the older one
+    assert int(store.steps[store.slot_of(A)]) == 2  # the state of the committed offset, not the older one
 
 
 def test_restore_without_the_wanted_marker_gives_up_waiting_and_restores_what_is_there():
-    log = FakeLog([rec(0, "a", 1, offset=5), (0, MARKER_KEY, encode_marker(5))])
+    log = FakeLog([rec(0, {A: 1}, offset=5), (0, MARKER_KEY, encode_marker(5))])
     store = make_store()
-    report = restore_partitions(log, TOPIC, [0], store, min_next_offsets={0: 9}, marker_wait_s=0.2)
-    assert report.waited_for_marker and store.devices() == ["a"]
+    report = restore_partitions(log, TOPIC, [0], store, buckets=BUCKETS, min_next_offsets={0: 9}, marker_wait_s=0.2)
+    assert report.waited_for_marker and store.devices() == [A]
 
 
 def test_restore_that_cannot_reach_the_end_times_out():
-    log = FakeLog([rec(0, "a", 1)])
+    log = FakeLog([rec(0, {A: 1})])
     log.end_offsets = lambda tps: {tp: 10 for tp in tps}  # the log claims more than it ever delivers
     with pytest.raises(TimeoutError, match="restoring"):
-        restore_partitions(log, TOPIC, [0], make_store(), timeout_s=0.3)
+        restore_partitions(log, TOPIC, [0], make_store(), buckets=BUCKETS, timeout_s=0.3)
 
 
 def test_empty_partition_list_restores_nothing():
-    report = restore_partitions(FakeLog([]), TOPIC, [], make_store())
+    report = restore_partitions(FakeLog([]), TOPIC, [], make_store(), buckets=BUCKETS)
     assert report.restored == 0 and report.records == 0

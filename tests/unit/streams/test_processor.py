@@ -17,7 +17,16 @@ from kafka import TopicPartition
 from kafka.errors import CommitFailedError, KafkaTimeoutError, ProducerFencedError
 
 from anomaly.bundle import ModelBundle
-from streams.changelog import MARKER_KEY, decode_marker, decode_value, encode_marker, encode_value
+from anomaly.snapshots import decode_states
+from streams.changelog import (
+    MARKER_KEY,
+    bucket_key,
+    bucket_of,
+    decode_bucket,
+    decode_marker,
+    encode_bucket,
+    encode_marker,
+)
 from streams.codec import encode_reading
 from streams.config import ServiceConfig
 from streams.errors import FencedError
@@ -210,9 +219,63 @@ def test_at_least_once_flushes_events_then_writes_the_changelog_then_commits_off
     assert order[order.index("commit") - 1] == "flush"  # changelog flushed before the offsets
     assert calls(log, "commit") == [("commit", {0: 2, 1: 1})]
     changelog = [(k, v, p) for t, k, v, p in proc.producer.sent if t == "g-state-changelog"]
-    snapshots = {k: (decode_value(v)[0], p) for k, v, p in changelog if k != MARKER_KEY}
-    assert snapshots == {b"a": (2, 0), b"b": (1, 1)}
+    buckets = proc.config.changelog_buckets
+    records = {(k, p): decode_bucket(v) for k, v, p in changelog if k != MARKER_KEY}
+    assert set(records) == {(bucket_key(bucket_of("a", buckets), buckets), 0),
+                            (bucket_key(bucket_of("b", buckets), buckets), 1)}
+    assert sorted((offset, decode_states(blob).device_ids, p)
+                  for (_, p), (offset, blob) in records.items()) == [(1, ["b"], 1), (2, ["a"], 0)]
     assert sorted((p, decode_marker(v)) for k, v, p in changelog if k == MARKER_KEY) == [(0, 2), (1, 1)]
+
+
+def _changelog_buckets(proc: StreamProcessor) -> dict[tuple[bytes, int], list[str] | None]:
+    """Newest value per (key, partition) the processor wrote to its changelog: device ids, or None (tombstone)."""
+    out: dict[tuple[bytes, int], list[str] | None] = {}
+    for t, k, v, p in proc.producer.sent:
+        if t == proc.config.changelog_topic and k != MARKER_KEY:
+            out[(k, p)] = None if v is None else decode_states(decode_bucket(v)[1]).device_ids
+    return out
+
+
+def test_a_commit_rewrites_whole_buckets_drops_evicted_devices_and_deletes_empty_buckets(bundle):
+    proc = make(bundle)[0]
+    proc.config = ServiceConfig(**{**proc.config.__dict__, "changelog_buckets": 2})
+    proc.step()
+    names = [f"d{i}" for i in range(40)]
+    same = [d for d in names if bucket_of(d, 2) == 0][:3]
+    alone = [d for d in names if bucket_of(d, 2) == 1][:1]
+    proc.consumer.polls.append({TopicPartition(TOPIC, 0): [reading(0, i, d, 1) for i, d in enumerate(same + alone)]})
+    proc.step()
+    assert proc.commit()
+    key0, key1 = bucket_key(0, 2), bucket_key(1, 2)
+    assert {k: sorted(v or []) for k, v in _changelog_buckets(proc).items()} == {(key0, 0): sorted(same),
+                                                                                 (key1, 0): alone}
+    proc.producer.sent.clear()
+    proc.consumer.polls.append({TopicPartition(TOPIC, 0): [reading(0, 4, same[0], 2)]})  # one device of the bucket
+    proc.step()
+    assert proc.commit()
+    assert {k: sorted(v or []) for k, v in _changelog_buckets(proc).items()} == {(key0, 0): sorted(same)}, \
+        "the touched device's bucket is rewritten whole; the other bucket is left alone"
+    proc.producer.sent.clear()
+    proc._forget([same[1], alone[0]], rewrite=True)  # what idle eviction does
+    proc.detector.store.remove([same[1], alone[0]])
+    assert proc.commit()
+    assert _changelog_buckets(proc) == {(key0, 0): sorted(d for d in same if d != same[1]), (key1, 0): None}
+
+
+def test_keys_of_another_layout_found_by_a_restore_are_deleted_at_the_next_commit(bundle):
+    proc = make(bundle)[0]
+    stale = bucket_key(0, 8)  # written when changelog_buckets was 8
+    proc.producer.sent.append((proc.config.changelog_topic, stale, encode_bucket(b"", 0), 0))
+    proc.producer.sent.append((proc.config.changelog_topic, b"legacy-device", b"per-device record", 1))
+    proc.step()  # restore finds both
+    assert proc.stats.discarded_snapshots["format"] == 2
+    proc.producer.sent.clear()
+    assert proc.commit()
+    tombstones = sorted((k, p) for t, k, v, p in proc.producer.sent if t == proc.config.changelog_topic and v is None)
+    assert tombstones == [(b"legacy-device", 1), (stale, 0)]
+    proc.producer.sent.clear()
+    assert proc.commit() and not proc.producer.sent  # deleted once
 
 
 def test_exactly_once_checks_every_send_before_adding_offsets_and_committing(bundle):
@@ -359,8 +422,8 @@ def test_a_step_that_fails_is_recovered_by_run_and_the_work_redone(bundle, monke
     assert any(e[0] == "send_offsets" and e[1] == {0: 1} for e in log)
 
 
-def test_snapshot_records_carry_the_offset_they_are_consistent_with(bundle):
-    assert decode_value(encode_value(b"s", 5)) == (5, b"s") and decode_marker(encode_marker(5)) == 5
+def test_bucket_records_carry_the_offset_they_are_consistent_with(bundle):
+    assert decode_bucket(encode_bucket(b"s", 5)) == (5, b"s") and decode_marker(encode_marker(5)) == 5
 
 
 class _Result:

@@ -1,0 +1,137 @@
+"""anomaly.snapshots: the column-wise state format round-trips bit-exact and rejects what is not it."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from anomaly.errors import StateFormatError, StateModelMismatchError
+from anomaly.snapshots import decode_states, encode_states, load_states
+from anomaly.state import DeviceStateStore
+
+FIELDS = ("last_ts", "steps", "smoothed", "in_episode", "run_length", "episode_start", "last_pred", "last_input",
+          "residual_ratio", "repeat_run")
+NOVELTY = ("ema", "err_record", "val_hi", "val_lo", "entry_level", "seen", "since_alert")
+
+
+def make_store(novelty: int = 0, **kw) -> DeviceStateStore:
+    args = {"num_layers": 2, "hidden_size": 3, "n_features": 2, "model_version": "v1", **kw}
+    return DeviceStateStore(**args, novelty_alphas=novelty)
+
+
+def fill(store: DeviceStateStore, devices: list[str], seed: int) -> None:
+    """Random state in every field of ``devices``."""
+    slots = store.slots_for(np.array(devices, dtype=object))
+    rng = np.random.default_rng(seed)
+    n, idx = len(slots), torch.as_tensor(slots, dtype=torch.long)
+    store.h[:, idx] = torch.from_numpy(rng.standard_normal((store.num_layers, n, store.hidden_size)).astype(np.float32))
+    store.c[:, idx] = torch.from_numpy(rng.standard_normal((store.num_layers, n, store.hidden_size)).astype(np.float32))
+    store.last_ts[slots] = rng.integers(-2**62, 2**62, n)
+    store.steps[slots] = rng.integers(0, 2**40, n)
+    store.smoothed[slots] = rng.random(n)
+    store.in_episode[slots] = rng.random(n) < 0.5
+    store.run_length[slots] = rng.integers(0, 1000, n)
+    store.episode_start[slots] = rng.integers(0, 2**50, n)
+    for name in ("last_pred", "last_input", "residual_ratio"):
+        getattr(store, name)[slots] = rng.standard_normal((n, store.n_features))
+    store.repeat_run[slots] = rng.integers(0, 30000, (n, store.n_features))
+    if store.novelty is not None:
+        rec = store.novelty
+        rec.ema[slots], rec.err_record[slots] = rng.random((n, rec.n_alphas)), rng.random((n, rec.n_alphas))
+        rec.val_hi[slots], rec.val_lo[slots] = rng.random((n, store.n_features)), -rng.random((n, store.n_features))
+        rec.entry_level[slots], rec.seen[slots], rec.since_alert[slots] = rng.random(n), rng.integers(0, 99, n), 5
+
+
+def assert_same_state(a: DeviceStateStore, b: DeviceStateStore, devices: list[str]) -> None:
+    sa, sb = a.slots_for(np.array(devices, dtype=object)), b.slots_for(np.array(devices, dtype=object))
+    ia, ib = torch.as_tensor(sa, dtype=torch.long), torch.as_tensor(sb, dtype=torch.long)
+    assert torch.equal(a.h[:, ia], b.h[:, ib]) and torch.equal(a.c[:, ia], b.c[:, ib])
+    for name in FIELDS:
+        np.testing.assert_array_equal(getattr(a, name)[sa], getattr(b, name)[sb], err_msg=name)
+    if a.novelty is not None and b.novelty is not None:
+        for name in NOVELTY:
+            np.testing.assert_array_equal(getattr(a.novelty, name)[sa], getattr(b.novelty, name)[sb], err_msg=name)
+
+
+@settings(max_examples=60, deadline=None)
+@given(devices=st.lists(st.text(min_size=1, max_size=20), min_size=0, max_size=12, unique=True),
+       seed=st.integers(0, 2**31), novelty=st.sampled_from([0, 2]))
+def test_any_devices_round_trip_bit_exact(devices, seed, novelty):
+    store = make_store(novelty)
+    if devices:
+        fill(store, devices, seed)
+    blob = encode_states(store, devices)
+    batch = decode_states(blob)
+    assert batch.device_ids == devices and batch.model_version == "v1"
+    other = make_store(novelty, capacity=1)
+    fill(other, ["stranger"], seed + 1)  # an unrelated device stays as it was
+    load_states(other, batch)
+    assert sorted(other.devices()) == sorted([*devices, "stranger"])
+    assert_same_state(store, other, devices)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400))
+def test_garbage_is_rejected_with_state_format_error(data):
+    with pytest.raises(StateFormatError):
+        decode_states(data)
+
+
+def test_corruption_truncation_and_versions_are_named():
+    store = make_store()
+    fill(store, ["a", "b"], 0)
+    blob = encode_states(store, ["a", "b"])
+    flipped = bytearray(blob)
+    flipped[40] ^= 0xFF
+    with pytest.raises(StateFormatError, match="checksum"):
+        decode_states(bytes(flipped))
+    with pytest.raises(StateFormatError, match="format version 9"):
+        decode_states(blob[:4] + b"\x09" + blob[5:])
+    body = blob[:-4 - 8]  # drop the last array's tail, re-checksum: a truncated but "valid" blob
+    with pytest.raises(StateFormatError, match="length"):
+        decode_states(body + struct.pack("<I", zlib.crc32(body)))
+    with pytest.raises(StateFormatError, match="magic"):
+        decode_states(b"SADS" + blob[4:])
+    with pytest.raises(StateFormatError, match="bytes"):
+        decode_states("not bytes")  # type: ignore[arg-type]
+
+
+def test_state_of_another_model_version_or_shape_is_refused_and_nothing_is_written():
+    store = make_store()
+    fill(store, ["a"], 0)
+    batch = decode_states(encode_states(store, ["a"]))
+    other = make_store(model_version="v2")
+    with pytest.raises(StateModelMismatchError, match="model version 'v1'"):
+        load_states(other, batch)
+    with pytest.raises(StateModelMismatchError, match="H=3"):
+        load_states(make_store(hidden_size=4), batch)
+    assert len(other) == 0
+
+
+def test_novelty_records_of_another_shape_start_empty_and_a_plain_store_ignores_them():
+    with_records = make_store(novelty=2)
+    fill(with_records, ["a"], 0)
+    plain = make_store()
+    load_states(plain, decode_states(encode_states(with_records, ["a"])))
+    assert plain.steps[plain.slot_of("a")] == with_records.steps[with_records.slot_of("a")]
+    three = make_store(novelty=3)
+    fill(three, ["a"], 1)
+    load_states(three, decode_states(encode_states(plain, ["a"])))
+    assert three.novelty is not None and np.isnan(three.novelty.err_record[three.slot_of("a")]).all()
+
+
+def test_select_keeps_the_chosen_devices_with_all_their_fields():
+    store = make_store(novelty=2)
+    fill(store, ["a", "b", "c"], 3)
+    batch = decode_states(encode_states(store, ["a", "b", "c"])).select(np.array([True, False, True]))
+    assert batch.device_ids == ["a", "c"] and len(batch) == 2
+    other = make_store(novelty=2)
+    load_states(other, batch)
+    assert sorted(other.devices()) == ["a", "c"]
+    assert_same_state(store, other, ["a", "c"])
