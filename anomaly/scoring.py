@@ -135,7 +135,8 @@ class NormalErrorModel:
     def distance2(self, residuals: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance ``[...]`` of residuals ``[..., F]``; NaN entries count as typical."""
         z = self._centred(residuals)
-        return np.einsum("...f,...f->...", z @ self.precision.astype(np.float64), z)
+        flat = z.reshape(-1, z.shape[-1])  # one 2-D product: a stack of [1, F] products is ~10x slower
+        return np.einsum("nf,nf->n", flat @ self.precision.astype(np.float64), flat).reshape(z.shape[:-1])
 
     def contributions(self, residuals: np.ndarray) -> np.ndarray:
         """Each feature's share ``[..., F]`` of d²: ``z_i (P z)_i / d²`` (sums to 1)."""
