@@ -9,7 +9,7 @@ One call's path (B devices in the call, T the most readings of one device, F fea
 
     factorize device ids → sort by (device, timestamp) → drop duplicates / out-of-order readings
     → slots of the devices (new ones allocated) → pad to [B, T, F], fill missing features
-    → gather (h, c) [L, B, H] from the slabs → ONE forward pass → scatter (h, c) back
+    → per block of ROW_BLOCK devices: gather (h, c) [L, b, H] from the slabs → ONE forward pass → scatter back
     → residual = actual - forecast, over the device's own residual scale → surprise → smoothed
     surprise → decision statistic → episodes → events
 
@@ -28,7 +28,8 @@ Two episode rules (``DetectorConfig.episode_rule``), both on this one path:
   for several half-lives); a gap reset restarts the network but keeps the novelty records *and* the
   novelty episode (no ``end`` event: closed by a gap, an ongoing incident could not reopen it).
 
-Cost per call: one LSTM forward pass over [B, T, F], O(N log N) numpy for grouping, and T
+Cost per call: one LSTM forward pass over [B, T, F] (in cache-sized blocks of devices), O(N log N) numpy
+for grouping (no hashing of ids when they equal the previous call's, all distinct), and T
 vectorised steps of smoothing/episode logic; Python per device only where devices are new
 (dictionary insert) and per event. A gap longer than ``gap_factor`` nominal intervals inside one
 call splits that device's readings into another pass (rare).
