@@ -41,7 +41,8 @@ from anomaly.errors import StateFormatError, StateModelMismatchError
 if TYPE_CHECKING:
     from anomaly.state import DeviceStateStore
 
-__all__ = ["FORMAT_VERSION", "StateBatch", "decode_states", "encode_states", "load_states"]
+__all__ = ["FORMAT_VERSION", "StateBatch", "check_compatible", "decode_states", "encode_groups", "encode_states",
+           "load_states"]
 
 MAGIC = b"SABS"
 FORMAT_VERSION = 1
@@ -97,24 +98,41 @@ def encode_states(store: DeviceStateStore, device_ids: Sequence[str]) -> bytes:
     >>> decode_states(encode_states(store, ["b", "a"])).device_ids
     ['b', 'a']
     """
-    slots = np.fromiter((store.slot_of(d) for d in device_ids), dtype=np.int64, count=len(device_ids))
-    n, layers, hidden, feats = len(slots), store.num_layers, store.hidden_size, store.n_features
+    return encode_groups(store, [device_ids])[0]
+
+
+def encode_groups(store: DeviceStateStore, groups: Sequence[Sequence[str]]) -> list[bytes]:
+    """One blob per group of devices (e.g. per changelog bucket), gathering every field once for all groups.
+
+    Each field is gathered for all devices of all groups in one indexing operation, then every blob
+    is contiguous slices of those arrays: the cost per group is a few dozen small copies, not a
+    gather per field.
+    """
+    everyone = [d for group in groups for d in group]
+    slots = np.fromiter((store.slot_of(d) for d in everyone), dtype=np.int64, count=len(everyone))
+    layers, hidden, feats = store.num_layers, store.hidden_size, store.n_features
     version = store.model_version.encode()
-    ids = [d.encode() for d in device_ids]
     alphas = store.novelty.n_alphas if store.novelty is not None else 0
     idx = torch.as_tensor(slots, dtype=torch.long)
-    parts = [_HEADER.pack(MAGIC, FORMAT_VERSION, layers, hidden, feats, alphas, n, len(version)), version,
-             np.fromiter((len(i) for i in ids), dtype="<u2", count=n).tobytes(), b"".join(ids)]
-    parts += [np.ascontiguousarray(getattr(store, name)[slots], dtype=dtype).tobytes() for name, dtype in _SCALARS]
-    parts += [store.h[:, idx].permute(1, 0, 2).contiguous().numpy().astype("<f4", copy=False).tobytes(),
-              store.c[:, idx].permute(1, 0, 2).contiguous().numpy().astype("<f4", copy=False).tobytes()]
-    parts += [np.ascontiguousarray(getattr(store, name)[slots], dtype=dtype).tobytes()
-              for name, dtype in _PER_FEATURE]
+    columns = [np.ascontiguousarray(getattr(store, name)[slots], dtype=dtype) for name, dtype in _SCALARS]
+    columns += [store.h.index_select(1, idx).permute(1, 0, 2).contiguous().numpy().astype("<f4", copy=False),
+                store.c.index_select(1, idx).permute(1, 0, 2).contiguous().numpy().astype("<f4", copy=False)]
+    columns += [np.ascontiguousarray(getattr(store, name)[slots], dtype=dtype) for name, dtype in _PER_FEATURE]
     if store.novelty is not None:
         floats, ints = store.novelty.take(slots).to_arrays()
-        parts += [floats.astype("<f8").tobytes(), ints.astype("<i8").tobytes()]
-    body = b"".join(parts)
-    return body + _CRC.pack(zlib.crc32(body))
+        columns += [floats.astype("<f8"), ints.astype("<i8")]
+    out: list[bytes] = []
+    start = 0
+    for group in groups:
+        end = start + len(group)
+        ids = [d.encode() for d in group]
+        parts = [_HEADER.pack(MAGIC, FORMAT_VERSION, layers, hidden, feats, alphas, len(group), len(version)),
+                 version, np.fromiter((len(i) for i in ids), dtype="<u2", count=len(ids)).tobytes(), b"".join(ids)]
+        parts += [column[start:end].tobytes() for column in columns]
+        body = b"".join(parts)
+        out.append(body + _CRC.pack(zlib.crc32(body)))
+        start = end
+    return out
 
 
 def decode_states(data: bytes | bytearray | memoryview) -> StateBatch:

@@ -26,12 +26,17 @@ One loop iteration (:meth:`StreamProcessor.step`)::
 
 Commit order (:meth:`StreamProcessor.commit`), which is what "nothing lost" rests on:
 
-* at-least-once: (1) flush events and dead letters and check every send, (2) send the snapshots
-  of devices touched since the last commit and one commit marker per partition to the changelog,
-  flush and check, (3) commit offsets. A crash between (2) and (3) leaves state ahead of the
-  offsets: the replayed readings are older than their device's state and are dropped as
-  duplicates, and their events were already durable in (1). A crash before (2) replays the
-  window against the older state and produces its events again: the only duplicates.
+* at-least-once: at the commit interval the window is *captured*: its offsets, and its changelog
+  records (every bucket with a device touched since the last commit, one marker per partition)
+  encoded right then, so they hold the state exactly as of those offsets. Then (1) the window's
+  events and dead letters are acknowledged and checked, (2) only then are its changelog records
+  sent, acknowledged and checked, (3) then its offsets are committed. The loop does not wait for
+  the broker between the stages: each starts in the first step after the previous one's sends are
+  done (:meth:`StreamProcessor._advance_pending`), so a commit costs the loop the encoding and the
+  sends, not the round trips; the next window is processed meanwhile. A crash between (2) and (3)
+  leaves state ahead of the offsets: the replayed readings are older than their device's state and
+  are dropped as duplicates, and their events were already durable in (1). A crash before (2)
+  replays the window against the older state and produces its events again: the only duplicates.
 * exactly-once: everything since the last commit — events, dead letters, scores, changelog
   snapshots, markers and the consumer offsets (``send_offsets_to_transaction`` with
   ``consumer.group_metadata()``, so the broker also fences a consumer of an old generation,
@@ -91,7 +96,7 @@ from kafka.structs import OffsetAndMetadata
 from anomaly.bundle import ModelBundle
 from anomaly.detector import StreamingDetector
 from anomaly.events import AnomalyEvent, ProcessResult, ReadingStatus
-from anomaly.snapshots import encode_states
+from anomaly.snapshots import encode_groups
 from streams.changelog import MARKER_KEY, bucket_key, bucket_of, encode_bucket, encode_marker, restore_partitions
 from streams.codec import DecodedBatch, dead_letter_headers, decode_records, encode_event
 from streams.config import ServiceConfig
@@ -149,6 +154,27 @@ _RECOVERABLE = (KafkaError, TimeoutError, OSError, BrokerUnavailableError)
 
 class SendFailedError(KafkaError):
     """A record of the current commit window could not be produced (the window is redone)."""
+
+
+def _check_sends(futures: Sequence[Any], what: str) -> None:
+    """Raise :class:`SendFailedError` unless every send in ``futures`` is done and succeeded."""
+    failed = [f for f in futures if not f.is_done or f.failed()]
+    if failed:
+        first = failed[0]
+        raise SendFailedError(f"{len(failed)} of {len(futures)} sends failed or did not finish, "
+                              f"e.g. {what}: {first.exception if first.is_done else 'not done'}")
+
+
+@dataclass
+class _PendingCommit:
+    """An at-least-once commit window between its capture and its offset commit (see ``_advance_pending``)."""
+
+    offsets: dict[int, int]  # input partition → next offset, as of the capture
+    partitions: set[int]  # partitions whose work is lost if this window fails
+    produced: list[Any]  # futures of the window's events, dead letters and scores
+    changelog: list[tuple[bytes, bytes | None, int]]  # (key, value, partition), encoded at the capture
+    written: int  # bytes of state in ``changelog``
+    sent: list[Any] | None = None  # futures of the changelog records once sent
 
 
 @dataclass
@@ -229,6 +255,7 @@ class StreamProcessor:
         self._dirty: dict[str, int] = {}  # devices touched since the last commit → partition
         self._dirty_buckets: set[tuple[int, int]] = set()  # buckets that lost a device (evicted or moved)
         self._stale_keys: dict[int, list[bytes]] = {}  # changelog keys of another layout, to delete
+        self._pending: _PendingCommit | None = None  # at-least-once commit sent but not yet committed
         self._offsets: dict[int, int] = {}  # partition → next offset to commit
         self._futures: list[Any] = []
         self._in_transaction = False
@@ -380,12 +407,14 @@ class StreamProcessor:
         self._apply_rebalance_events()
         if self._to_restore:
             self._restore_pending()
+        if self._pending is not None:  # at-least-once: the previous commit's next stage, if its sends are done
+            self._advance_pending(block=False)
         records = self._accepted(polled)
         if records:
             self.process_records(records)
         now = time.monotonic()
         if now - self._last_commit >= self.config.commit_interval_s:
-            self.commit()
+            self.commit(wait=False)
         if self.watcher is not None:
             switch = self.watcher.poll()
             if switch is not None:
@@ -565,11 +594,19 @@ class StreamProcessor:
         self.metrics.set_open_episodes(int(self.detector.store.in_episode.sum()))
 
     # ---------------------------------------------------------------- commit
-    def _has_uncommitted(self) -> bool:
-        return bool(self._offsets or self._dirty or self._dirty_buckets or self._stale_keys or self._in_transaction)
+    def _has_new_work(self) -> bool:
+        """Anything since the last capture: offsets to commit, devices or buckets to write, keys to delete."""
+        return bool(self._offsets or self._dirty or self._dirty_buckets or self._stale_keys)
 
-    def commit(self, final: bool = False) -> bool:
+    def _has_uncommitted(self) -> bool:
+        return self._has_new_work() or self._pending is not None or self._in_transaction
+
+    def commit(self, final: bool = False, wait: bool = True) -> bool:
         """Make everything since the last commit durable, then commit offsets (see the module docstring).
+
+        At least once with ``wait=False`` (the loop's periodic commits): capture the window and send
+        what can be sent now; the rest of the commit completes in later steps (:meth:`_advance_pending`)
+        without blocking the loop on broker round trips. ``wait`` (or ``final``) completes it here.
 
         Returns False when the work was not committed: it is discarded and will be processed again
         (by this instance after a restore, or by the partition's next owner). Raises
@@ -584,7 +621,10 @@ class StreamProcessor:
             return False
         self._commit_deadline = time.monotonic() + self._commit_timeout_s
         try:
-            written = self._commit_exactly_once() if self.config.exactly_once else self._commit_at_least_once()
+            if self.config.exactly_once:
+                self._commit_exactly_once()
+            else:
+                self._commit_at_least_once(block=final or wait)
         except FencedError:
             self._stop.set()
             raise
@@ -597,41 +637,88 @@ class StreamProcessor:
                 logger.warning("final commit failed (%s: %s); the uncommitted work will be processed again by the "
                                "partitions' next owner", type(exc).__name__, exc)
                 self._abandon_transaction(exc)
+                self._pending = None
                 return False
             self._discard_uncommitted(exc, "commit failed")
             return False
         finally:
             self._commit_deadline = None
-        self.metrics.add_changelog_bytes(written)
-        self.stats.commits += 1
-        for p, offset in self._offsets.items():
-            self._committed[p] = offset
-        self._offsets.clear()
-        self._dirty.clear()
-        self._dirty_buckets.clear()
-        self._stale_keys.clear()
-        self._futures.clear()
         if final:
             logger.info("final commit done")
         return True
 
-    def _commit_at_least_once(self) -> int:
-        assert self.producer is not None and self.consumer is not None
-        self._flush_and_check("an event, dead letter or score")
-        written = self._send_changelog()
-        self._flush_and_check("a changelog record")
-        if self._offsets:
-            self.consumer.commit({TopicPartition(self.config.input_topic, p): _offset(o)
-                                  for p, o in self._offsets.items()},
-                                 timeout_ms=max(100, int((self._deadline() - time.monotonic()) * 1000)))
-        return written
+    def _committed_window(self, offsets: dict[int, int], written: int) -> None:
+        """Bookkeeping once a window's offsets are committed."""
+        self.metrics.add_changelog_bytes(written)
+        self.stats.commits += 1
+        self._committed.update(offsets)
 
-    def _commit_exactly_once(self) -> int:
+    def _capture(self) -> _PendingCommit:
+        """Encode this window's changelog records and move its bookkeeping into a pending commit."""
+        records, written = self._changelog_records()
+        pending = _PendingCommit(
+            offsets=dict(self._offsets), produced=self._futures, changelog=records, written=written,
+            partitions=set(self._offsets) | set(self._dirty.values()) | {p for p, _ in self._dirty_buckets})
+        self._futures = []
+        self._offsets.clear()
+        self._dirty.clear()
+        self._dirty_buckets.clear()
+        self._stale_keys.clear()
+        return pending
+
+    def _commit_at_least_once(self, block: bool) -> None:
+        """Finish the pending commit (waiting if a new one is due), capture the next, then advance it."""
+        if self._pending is not None:
+            self._advance_pending(block=block or self._has_new_work())
+        if self._pending is None and self._has_new_work():
+            self._pending = self._capture()
+            self._advance_pending(block=block)
+
+    def _advance_pending(self, block: bool) -> bool:
+        """Move the pending at-least-once commit on; True once its offsets are committed.
+
+        The order is what "nothing lost" rests on: (1) the window's events, dead letters and scores
+        are acknowledged, (2) only then its changelog records — encoded at capture, so they hold the
+        state exactly as of the window's offsets — are sent and acknowledged, (3) then the offsets are
+        committed. Without ``block`` each stage only starts when the previous one's sends are done,
+        so the loop never waits for the broker; with ``block`` it flushes. A failed send raises
+        :class:`SendFailedError`: the caller discards the uncommitted work (this window included).
+        """
+        pending = self._pending
+        assert pending is not None and self.producer is not None and self.consumer is not None
+        if pending.sent is None:
+            if not block and not all(f.is_done for f in pending.produced):
+                return False
+            if block:
+                self.producer.flush(timeout=max(0.1, self._deadline() - time.monotonic()))
+            _check_sends(pending.produced, "an event, dead letter or score")
+            send, topic = self.producer.send, self.config.changelog_topic
+            pending.sent = [send(topic, key=key, value=value, partition=partition)
+                            for key, value, partition in pending.changelog]
+            if not block:
+                return False
+        if not block and not all(f.is_done for f in pending.sent):
+            return False
+        if block:
+            self.producer.flush(timeout=max(0.1, self._deadline() - time.monotonic()))
+        _check_sends(pending.sent, "a changelog record")
+        if pending.offsets:
+            self.consumer.commit({TopicPartition(self.config.input_topic, p): _offset(o)
+                                  for p, o in pending.offsets.items()},
+                                 timeout_ms=max(100, int((self._deadline() - time.monotonic()) * 1000)))
+        self._committed_window(pending.offsets, pending.written)
+        self._pending = None
+        return True
+
+    def _commit_exactly_once(self) -> None:
         assert self.producer is not None and self.consumer is not None
         if not self._in_transaction:  # e.g. only evictions since the last commit
             self.producer.begin_transaction()
             self._in_transaction = True
-        written = self._send_changelog()
+        records, written = self._changelog_records()
+        send, topic = self.producer.send, self.config.changelog_topic
+        self._futures.extend(send(topic, key=key, value=value, partition=partition)
+                             for key, value, partition in records)
         # kafka-python 3.0 commits a transaction even if one of its batches expired: check every send first
         self._flush_and_check("a record of the transaction")
         if self._offsets:
@@ -639,7 +726,12 @@ class StreamProcessor:
                                                  for p, o in self._offsets.items()})
         self._transactional("commit")
         self._in_transaction = False
-        return written
+        self._committed_window(dict(self._offsets), written)
+        self._offsets.clear()
+        self._dirty.clear()
+        self._dirty_buckets.clear()
+        self._stale_keys.clear()
+        self._futures.clear()
 
     @property
     def _commit_timeout_s(self) -> float:
@@ -683,42 +775,35 @@ class StreamProcessor:
     def _flush_and_check(self, what: str) -> None:
         assert self.producer is not None
         self.producer.flush(timeout=max(0.1, self._deadline() - time.monotonic()))
-        failed = [f for f in self._futures if not f.is_done or f.failed()]
-        if failed:
-            first = failed[0]
-            raise SendFailedError(f"{len(failed)} of {len(self._futures)} sends failed or did not finish, "
-                                  f"e.g. {what}: {first.exception if first.is_done else 'not done'}")
+        _check_sends(self._futures, what)
 
-    def _send_changelog(self) -> int:
-        """Every bucket with a device touched or dropped since the last commit, stale keys' tombstones, markers.
+    def _changelog_records(self) -> tuple[list[tuple[bytes, bytes | None, int]], int]:
+        """``(key, value, partition)`` of this commit's changelog records, and the bytes of state in them.
 
-        A bucket record holds the state of all the bucket's devices, column-wise (streams/changelog.py):
-        one ``send`` and a few array copies per bucket instead of one of each per device keep the commit short.
+        Every bucket with a device touched or dropped since the last commit, tombstones for keys of
+        another layout, one marker per partition. A bucket record holds the state of all the bucket's
+        devices, column-wise (streams/changelog.py): one ``send`` and a few array copies per bucket
+        instead of one of each per device keep the commit short.
         """
-        assert self.producer is not None
-        cfg = self.config
         store = self.detector.store
         bucket = self._device_bucket
         touched = {(p, bucket[d]) for d, p in self._dirty.items()} | self._dirty_buckets
         groups = [(key, sorted(d for d in self._members.get(key, ()) if d in store)) for key in sorted(touched)]
-        send = self.producer.send
-        futures = self._futures
-        n, buckets = self._n_partitions, cfg.changelog_buckets
+        n, buckets = self._n_partitions, self.config.changelog_buckets
+        states = iter(encode_groups(store, [devices for _, devices in groups if devices]))
+        records: list[tuple[bytes, bytes | None, int]] = []
         written = 0
         for (p, b), devices in groups:
-            value = encode_bucket(encode_states(store, devices), self._offsets.get(p, -1)) if devices else None
+            value = encode_bucket(next(states), self._offsets.get(p, -1)) if devices else None
             written += len(value) if value is not None else 0
             if value is not None and len(value) > BUCKET_WARN_BYTES:
                 logger.warning("changelog bucket %d of partition %d holds %d devices (%d bytes): raise "
                                "changelog_buckets (now %d) to keep records small", b, p, len(devices), len(value),
                                buckets)
-            futures.append(send(cfg.changelog_topic, key=bucket_key(b, buckets), value=value, partition=p % n))
-        for p, keys in self._stale_keys.items():
-            for key in keys:
-                futures.append(send(cfg.changelog_topic, key=key, value=None, partition=p % n))
-        for p, offset in self._offsets.items():
-            futures.append(send(cfg.changelog_topic, key=MARKER_KEY, value=encode_marker(offset), partition=p % n))
-        return written
+            records.append((bucket_key(b, buckets), value, p % n))
+        records += [(key, None, p % n) for p, keys in self._stale_keys.items() for key in keys]
+        records += [(MARKER_KEY, encode_marker(offset), p % n) for p, offset in self._offsets.items()]
+        return records, written
 
     # -------------------------------------------------------------- failures
     def _fenced(self, exc: BaseException | None) -> bool:
@@ -760,6 +845,9 @@ class StreamProcessor:
     def _discard_uncommitted(self, exc: BaseException | None, why: str) -> None:
         """Forget everything since the last commit; its partitions are restored and re-read from Kafka."""
         tainted = set(self._offsets) | set(self._dirty.values()) | {p for p, _ in self._dirty_buckets}
+        if self._pending is not None:
+            tainted |= self._pending.partitions
+            self._pending = None
         self.stats.rewinds += 1
         self._abandon_transaction(exc)
         self._offsets.clear()

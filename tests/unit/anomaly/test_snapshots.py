@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from anomaly.errors import StateFormatError, StateModelMismatchError
-from anomaly.snapshots import decode_states, encode_states, load_states
+from anomaly.snapshots import decode_states, encode_groups, encode_states, load_states
 from anomaly.state import DeviceStateStore
 
 FIELDS = ("last_ts", "steps", "smoothed", "in_episode", "run_length", "episode_start", "last_pred", "last_input",
@@ -135,3 +135,10 @@ def test_select_keeps_the_chosen_devices_with_all_their_fields():
     load_states(other, batch)
     assert sorted(other.devices()) == ["a", "c"]
     assert_same_state(store, other, ["a", "c"])
+
+
+def test_groups_encode_exactly_like_one_blob_per_group():
+    store = make_store(novelty=2)
+    fill(store, [f"d{i}" for i in range(7)], 4)
+    groups = [["d3", "d0"], [], ["d6"], ["d1", "d2", "d4", "d5"]]
+    assert encode_groups(store, groups) == [encode_states(store, g) for g in groups]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from kafka import TopicPartition
-from kafka.errors import CommitFailedError, KafkaTimeoutError, ProducerFencedError
+from kafka.errors import CommitFailedError, KafkaError, KafkaTimeoutError, ProducerFencedError
 
 from anomaly.bundle import ModelBundle
 from anomaly.snapshots import decode_states
@@ -38,8 +38,8 @@ FEATURES = ["temp", "load"]
 
 
 class Future:
-    def __init__(self, error: Exception | None = None):
-        self.is_done = True
+    def __init__(self, error: Exception | None = None, done: bool = True):
+        self.is_done = done
         self.exception = error
 
     def failed(self) -> bool:
@@ -55,14 +55,25 @@ class FakeProducer:
         self.fail_topic: str | None = None
         self.commit_error: Exception | None = None
         self.closed = False
+        self.hold = False  # sends stay in flight until ``deliver()`` (or a flush)
+        self.in_flight: list[Future] = []
 
     def send(self, topic, key=None, value=None, partition=None, headers=None):
         self.log.append(("send", topic))
         self.sent.append((topic, key, value, partition))
-        return Future(KafkaTimeoutError("expired") if topic == self.fail_topic else None)
+        future = Future(KafkaTimeoutError("expired") if topic == self.fail_topic else None, done=not self.hold)
+        if self.hold:
+            self.in_flight.append(future)
+        return future
+
+    def deliver(self):
+        for future in self.in_flight:
+            future.is_done = True
+        self.in_flight.clear()
 
     def flush(self, timeout=None):
         self.log.append(("flush",))
+        self.deliver()
 
     def begin_transaction(self):
         self.log.append(("begin",))
@@ -404,10 +415,10 @@ def test_a_step_that_fails_is_recovered_by_run_and_the_work_redone(bundle, monke
     proc.step()
     original = proc.commit
 
-    def flaky(final: bool = False) -> bool:
+    def flaky(final: bool = False, wait: bool = True) -> bool:
         if not final and not calls(log, "new_producer"):
             raise KafkaTimeoutError("broker gone")  # e.g. the sender could not reach the broker
-        return original(final)
+        return original(final, wait)
 
     monkeypatch.setattr(proc, "commit", flaky)
     monkeypatch.setattr(proc, "close", lambda: None)
@@ -420,6 +431,53 @@ def test_a_step_that_fails_is_recovered_by_run_and_the_work_redone(bundle, monke
     assert ("seek", 0, 0) in log  # re-read from the committed offset after the restore
     assert calls(log, "commit_transaction") and proc.consumer.committed_offsets == {}  # fakes: offsets via txn
     assert any(e[0] == "send_offsets" and e[1] == {0: 1} for e in log)
+
+
+def test_a_periodic_commit_never_waits_for_the_broker_and_keeps_the_order_events_changelog_offsets(bundle):
+    proc, log = make(bundle)
+    proc.step()
+    proc.producer.hold = True
+    proc.consumer.polls.append({TopicPartition(TOPIC, 0): [reading(0, 0, "a", 1, value=1.0),
+                                                           reading(0, 1, "a", 2, value=2.0)]})
+    proc.step()
+    proc._futures.append(proc.producer.send("ev", key=b"a", value=b"an event of this window"))  # in flight
+    steps_at_capture = int(proc.detector.store.steps[proc.detector.store.slot_of("a")])
+    log.clear()
+    assert proc.commit(wait=False)
+    assert not calls(log, "flush", "commit") and not any(e == ("send", "g-state-changelog") for e in log), \
+        "nothing of the changelog may be sent while the window's events are in flight"
+    proc.consumer.polls.append({TopicPartition(TOPIC, 0): [reading(0, 2, "a", 3)]})  # the next window
+    proc.step()
+    assert not any(e == ("send", "g-state-changelog") for e in log)
+    proc.producer.deliver()  # the events are acknowledged
+    proc.step()
+    changelog = [(k, v) for t, k, v, _ in proc.producer.sent if t == "g-state-changelog" and k != MARKER_KEY]
+    assert len(changelog) == 1 and not calls(log, "commit")
+    written = decode_states(decode_bucket(changelog[0][1])[1])
+    assert written.steps.tolist() == [steps_at_capture], "the changelog holds the state as of the window's offsets"
+    assert int(proc.detector.store.steps[proc.detector.store.slot_of("a")]) == steps_at_capture + 1
+    proc.producer.deliver()  # the changelog is acknowledged
+    proc.step()
+    assert calls(log, "commit") == [("commit", {0: 2})]  # the captured window's offsets, not the next one's
+    assert not calls(log, "flush"), "the loop never blocked on the broker"
+    assert proc.commit() and calls(log, "commit")[-1] == ("commit", {0: 3})
+
+
+def test_a_failed_event_in_a_pending_commit_discards_the_window_before_any_state_is_written(bundle):
+    proc, log = make(bundle)
+    proc.step()
+    proc.producer.hold = True
+    proc.consumer.polls.append({TopicPartition(TOPIC, 0): [reading(0, 0, "a", 1)]})
+    proc.step()
+    expiring = Future(KafkaTimeoutError("expired"), done=False)  # an event still in flight
+    proc._futures.append(expiring)
+    assert proc.commit(wait=False) and proc._pending is not None
+    expiring.is_done = True  # ... and then it expired
+    with pytest.raises(KafkaError, match="an event"):
+        proc.step()
+    proc._discard_uncommitted(None, "a send failed")  # what run() does with that error
+    assert not any(t == "g-state-changelog" and k != MARKER_KEY for t, k, _, _ in proc.producer.sent)
+    assert not calls(log, "commit") and proc._pending is None and 0 in proc._to_restore
 
 
 def test_bucket_records_carry_the_offset_they_are_consistent_with(bundle):
