@@ -8,8 +8,9 @@ What it measures, all in one run on one broker (so the figures are comparable on
 3. ``consume_ceiling_msgs_per_s``: kafka-python alone consuming the single-reading topic and decoding
    it with the service's codec, no model (the ceiling the service cannot beat).
 4. ``p50_ms`` / ``p99_ms``: latency from a reading's produce time (Kafka CreateTime) to its score,
-   while producers send single readings at half the measured single-message maximum (or as fast as
-   the producer processes manage, if that is less: printed).
+   while one producer process (librdkafka) sends single readings at half the measured
+   single-message maximum; medians over ``--latency-repeats`` runs of ``--latency-seconds`` each
+   (every run's figures are printed).
 
 Run: ``.venv/bin/python benchmarks/bench_e2e.py [--devices 10000] [--messages 100000]``.
 Its LAST line is one JSON object with the keys above. No timing is asserted anywhere.
@@ -18,6 +19,7 @@ Its LAST line is one JSON object with the keys above. No timing is asserted anyw
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -28,6 +30,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,16 +70,27 @@ def messages(devices: int, total_readings: int, window: int, start_ms: int) -> l
     return out
 
 
-def _producer_proc(bootstrap: str, topic: str, payload: list[tuple[bytes, bytes]], rate: float | None) -> None:
-    """Send ``payload`` (at ``rate`` messages/s, or as fast as possible) with librdkafka's producer.
+def message_count(devices: int, total_readings: int, window: int) -> int:
+    """How many messages :func:`messages` makes for these arguments."""
+    return max(1, total_readings // devices // window) * devices
 
-    The load generator is confluent-kafka, not kafka-python, on purpose: kafka-python spends
-    ~20-50 µs of Python per send, so generating half the service's maximum rate took most of one of
-    this machine's two cores away from the service being measured. librdkafka sends from C (~1 µs of
-    Python per message); in production the producers run on other machines anyway.
+
+def _producer_proc(bootstrap: str, topic: str, spec: tuple[int, int, int, int], rate: float | None,
+                   sent_per_s: Any = None) -> None:
+    """Generate the messages of ``spec`` (devices, readings, window, start ms) and send them with librdkafka.
+
+    At ``rate`` messages/s, or as fast as possible; the achieved rate goes to ``sent_per_s`` (a
+    shared double). The messages are generated here, in the producer's own process: a list of
+    hundreds of thousands of tuples in the measured service's process made its garbage collector's
+    full passes take 0.1-0.2 s, which showed up as latency. And the load generator is confluent-kafka,
+    not kafka-python, on purpose: kafka-python spends ~20-50 µs of Python per send, so generating half
+    the service's maximum rate took most of one of this machine's two cores away from the service
+    being measured. librdkafka sends from C (~1 µs of Python per message); in production the
+    producers run on other machines anyway.
     """
     from confluent_kafka import Producer
 
+    payload = messages(*spec)
     producer = Producer({"bootstrap.servers": bootstrap, "acks": 1, "linger.ms": 5,
                          "batch.size": 512 * 1024, "queue.buffering.max.messages": 1_000_000})
     produce, poll = producer.produce, producer.poll
@@ -96,19 +110,19 @@ def _producer_proc(bootstrap: str, topic: str, payload: list[tuple[bytes, bytes]
                 poll(0.05)
     if producer.flush(60) != 0:
         raise RuntimeError("the load generator could not deliver every message within 60 s")
+    if sent_per_s is not None:
+        sent_per_s.value = len(payload) / (time.perf_counter() - started)
 
 
-def preload(bootstrap: str, topic: str, payload: list[tuple[bytes, bytes]], procs: int = 1) -> float:
-    started = time.perf_counter()
-    chunks = [payload[i::procs] for i in range(procs)]
-    workers = [mp.Process(target=_producer_proc, args=(bootstrap, topic, chunk, None)) for chunk in chunks]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-        if w.exitcode != 0:
-            raise RuntimeError(f"a producer process failed (exit code {w.exitcode})")
-    return len(payload) / (time.perf_counter() - started)
+def preload(bootstrap: str, topic: str, spec: tuple[int, int, int, int]) -> float:
+    """Send the messages of ``spec`` as fast as one producer process can; returns its messages/s."""
+    sent_per_s = mp.Value("d", 0.0)
+    worker = mp.Process(target=_producer_proc, args=(bootstrap, topic, spec, None, sent_per_s))
+    worker.start()
+    worker.join()
+    if worker.exitcode != 0:
+        raise RuntimeError(f"the producer process failed (exit code {worker.exitcode})")
+    return sent_per_s.value
 
 
 def make_topic(bootstrap: str, name: str) -> str:
@@ -121,7 +135,7 @@ def make_topic(bootstrap: str, name: str) -> str:
 def drain(bootstrap: str, model_dir: Path, topic: str, expected_readings: int, guarantee: str = "at_least_once",
           collect_latency: bool = False, stop_after_s: float = 600.0,
           commit_interval_s: float = 1.0,
-          when_ready: Callable[[], None] | None = None) -> tuple[float, list[float], StreamProcessor]:
+          when_ready: Callable[[], None] | None = None) -> tuple[float, np.ndarray, StreamProcessor]:
     """Run a processor until it has scored ``expected_readings``; returns readings/s (first record to last)."""
     config = ServiceConfig(bootstrap_servers=bootstrap, model_dir=model_dir, input_topic=topic,
                            events_topic=f"{topic}.events", dlq_topic=f"{topic}.dlq",
@@ -131,16 +145,17 @@ def drain(bootstrap: str, model_dir: Path, topic: str, expected_readings: int, g
     torch.set_num_threads(config.torch_threads)
     processor = StreamProcessor(config, ModelBundle.load(model_dir))
     processor.connect()
-    latencies: list[float] = []
+    latencies: list[np.ndarray] = []
     if collect_latency:
         original = processor._observe
 
         def observe(decoded, result, duration_s):  # type: ignore[no-untyped-def]
             produced = decoded.produce_ts_ms
-            latencies.extend(((time.time() * 1000.0 - produced[produced >= 0]) / 1000.0).tolist())
+            latencies.append((time.time() * 1000.0 - produced[produced >= 0]) / 1000.0)
             original(decoded, result, duration_s)
 
         processor._observe = observe  # type: ignore[method-assign]
+    gc.freeze()  # as run_service does after start-up
     if when_ready is not None:  # producers start once the partitions are assigned and restored
         while not processor.metrics.is_ready():
             processor.step()
@@ -159,7 +174,7 @@ def drain(bootstrap: str, model_dir: Path, topic: str, expected_readings: int, g
     processor.commit(final=True)
     processor.close()
     done = processor.stats.readings["scored"] + processor.stats.readings["warmup"]
-    return done / max(elapsed, 1e-9), latencies, processor
+    return done / max(elapsed, 1e-9), np.concatenate(latencies) if latencies else np.empty(0), processor
 
 
 def consume_ceiling(bootstrap: str, topic: str, expected: int) -> float:
@@ -188,6 +203,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=100_000, help="single-reading messages to pre-load")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latency-seconds", type=float, default=20.0)
+    parser.add_argument("--latency-repeats", type=int, default=3, help="latency runs; the medians are reported")
     parser.add_argument("--latency-fraction", type=float, default=0.5,
                         help="latency is measured at this fraction of the measured single-message maximum")
     parser.add_argument("--max-rate", type=float, help="skip the throughput runs; take this as the maximum")
@@ -206,46 +222,43 @@ def main() -> None:
             ceilings, singles, windows = [], [], []
             if not args.max_rate:
                 single = make_topic(bootstrap, "bench.single")
-                payload = messages(args.devices, args.messages, 1, start_ms)
-                rate = preload(bootstrap, single, payload)
-                log(f"pre-loaded {len(payload)} single-reading messages at {rate:,.0f} msgs/s")
+                n_single = message_count(args.devices, args.messages, 1)
+                rate = preload(bootstrap, single, (args.devices, args.messages, 1, start_ms))
+                log(f"pre-loaded {n_single} single-reading messages at {rate:,.0f} msgs/s")
                 windowed = make_topic(bootstrap, "bench.windowed")
-                wpayload = messages(args.devices, args.messages, 10, start_ms)
-                preload(bootstrap, windowed, wpayload)
-                log(f"pre-loaded {len(wpayload)} windows of 10 ({len(wpayload) * 10} readings)")
+                n_windows = message_count(args.devices, args.messages, 10)
+                preload(bootstrap, windowed, (args.devices, args.messages, 10, start_ms))
+                log(f"pre-loaded {n_windows} windows of 10 ({n_windows * 10} readings)")
             for r in range(0 if args.max_rate else args.repeats):
-                ceilings.append(consume_ceiling(bootstrap, single, len(payload)))
-                singles.append(drain(bootstrap, model_dir, single, len(payload),
+                ceilings.append(consume_ceiling(bootstrap, single, n_single))
+                singles.append(drain(bootstrap, model_dir, single, n_single,
                                      commit_interval_s=args.commit_interval)[0])
-                windows.append(drain(bootstrap, model_dir, windowed, len(wpayload) * 10,
+                windows.append(drain(bootstrap, model_dir, windowed, n_windows * 10,
                                      commit_interval_s=args.commit_interval)[0])
                 log(f"repeat {r + 1}: consume ceiling {ceilings[-1]:,.0f} msgs/s, service single "
                     f"{singles[-1]:,.0f} readings/s, windowed {windows[-1]:,.0f} readings/s")
             single_rate = args.max_rate or statistics.median(singles)
 
-            latency_topic = make_topic(bootstrap, "bench.latency")
             target = args.latency_fraction * single_rate
             n = int(target * args.latency_seconds)
-            lpayload = messages(args.devices, n, 1, start_ms + 10**9)
-            procs = 1  # one librdkafka producer sends the whole fleet in order
-            workers = [mp.Process(target=_producer_proc,
-                                  args=(bootstrap, latency_topic, lpayload[i::procs], target / procs))
-                       for i in range(procs)]
-            consumer_started = time.perf_counter()
-
-            def start_producers() -> None:
-                for w in workers:
-                    w.start()
-
-            _, latencies, _ = drain(bootstrap, model_dir, latency_topic, len(lpayload), collect_latency=True,
-                                    when_ready=start_producers, commit_interval_s=args.commit_interval)
-            for w in workers:
-                w.join()
-            achieved = len(lpayload) / (time.perf_counter() - consumer_started)
-            lat = np.asarray(latencies) * 1000.0
-            p50, p99 = float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
-            log(f"latency at a target of {target:,.0f} readings/s (achieved about {achieved:,.0f}/s): "
-                f"p50 {p50:.1f} ms, p99 {p99:.1f} ms over {len(lat)} readings")
+            n_latency = message_count(args.devices, n, 1)
+            p50s, p99s = [], []
+            for r in range(args.latency_repeats):
+                latency_topic = make_topic(bootstrap, f"bench.latency.{r}")
+                sent_per_s = mp.Value("d", 0.0)
+                spec = (args.devices, n, 1, start_ms + 10**9)
+                # one librdkafka producer sends the whole fleet in order
+                worker = mp.Process(target=_producer_proc, args=(bootstrap, latency_topic, spec, target, sent_per_s))
+                _, latencies, _ = drain(bootstrap, model_dir, latency_topic, n_latency, collect_latency=True,
+                                        when_ready=worker.start, commit_interval_s=args.commit_interval)
+                worker.join()
+                lat = latencies * 1000.0
+                p50s.append(float(np.percentile(lat, 50)))
+                p99s.append(float(np.percentile(lat, 99)))
+                log(f"latency repeat {r + 1} at a target of {target:,.0f} readings/s (the producer achieved "
+                    f"{sent_per_s.value:,.0f}/s): p50 {p50s[-1]:.1f} ms, p99 {p99s[-1]:.1f} ms "
+                    f"over {len(lat)} readings")
+            p50, p99 = statistics.median(p50s), statistics.median(p99s)
         finally:
             broker.stop()
     result = {"readings_per_s_single": round(single_rate),

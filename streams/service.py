@@ -8,6 +8,7 @@ connect with retries, then process until SIGTERM/SIGINT, commit and leave the gr
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 
@@ -61,6 +62,9 @@ def run_service(config: ServiceConfig) -> int:
                 logger.warning("broker not reachable (attempt %d): %s; retrying in %.0f s", attempt, exc, wait)
                 metrics.mark_progress()  # waiting for the broker is not a hang
                 time.sleep(wait)
+        # everything allocated so far (torch, the model, the clients) lives as long as the process: keep it
+        # out of the garbage collector's full passes, which otherwise walk it and pause the loop
+        gc.freeze()
         stats = run_until_signalled(processor)
     finally:
         server.stop()
