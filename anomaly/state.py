@@ -19,55 +19,21 @@ Capacity grows to the next power of two, so growth copies are amortised, never p
 from __future__ import annotations
 
 import logging
-import struct
-import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from anomaly.adaptation import NoveltyRecords
-from anomaly.errors import StateFormatError, StateModelMismatchError
+from anomaly.errors import StateFormatError
+from anomaly.snapshots import decode_states, encode_states, load_states
 
-__all__ = ["NO_TIMESTAMP", "DeviceSnapshot", "DeviceStateStore"]
+__all__ = ["NO_TIMESTAMP", "DeviceStateStore"]
 
 logger = logging.getLogger(__name__)
 
 NO_TIMESTAMP = np.iinfo(np.int64).min
 """``last_ts`` of a slot that has seen no reading yet."""
-
-_MAGIC = b"SADS"
-_FORMAT_VERSION = 3
-_READABLE_VERSIONS = (2, 3)
-# magic, format version, L, H, F, len(model_version), len(device_id),
-# last_ts, steps, smoothed, in_episode, run_length, episode_start
-_HEADER = struct.Struct("<4sBHIHHHqqfBiq")
-# version 3 appends: A (novelty time scales, 0: no novelty records), then A > 0:
-# float64 [2A + 2F + 1] (ema, err_record, val_hi, val_lo, entry_level), int64 [2] (seen, since_alert)
-_NOVELTY_COUNT = struct.Struct("<B")
-_CRC = struct.Struct("<I")
-
-
-@dataclass(frozen=True)
-class DeviceSnapshot:
-    """A decoded snapshot (see :meth:`DeviceStateStore.decode_snapshot`)."""
-
-    device_id: str
-    model_version: str
-    last_ts: int
-    steps: int
-    smoothed: float
-    in_episode: bool
-    run_length: int
-    episode_start: int
-    h: np.ndarray  # [L, H]
-    c: np.ndarray  # [L, H]
-    last_pred: np.ndarray  # [F]
-    last_input: np.ndarray  # [F]
-    residual_ratio: np.ndarray  # [F]
-    repeat_run: np.ndarray  # [F]
-    novelty: NoveltyRecords | None = None  # one row; None: the snapshot carries no novelty records
 
 
 class DeviceStateStore:
@@ -288,143 +254,21 @@ class DeviceStateStore:
 
     # -------------------------------------------------------------- snapshots
     def snapshot(self, device_id: str) -> bytes:
-        """The device's state as bytes: versioned, checksummed, carrying the model version."""
-        return self.snapshot_many([device_id])[0]
+        """The device's state as bytes: versioned, checksummed, carrying the model version.
 
-    def snapshot_many(self, device_ids: Sequence[str]) -> list[bytes]:
-        """Snapshots of several devices, gathering their slabs once."""
-        slots = np.fromiter((self.slot_of(d) for d in device_ids), dtype=np.int64, count=len(device_ids))
-        idx = torch.as_tensor(slots, dtype=torch.long)
-        h = self.h[:, idx].permute(1, 0, 2).contiguous().numpy()  # [n, L, H]
-        c = self.c[:, idx].permute(1, 0, 2).contiguous().numpy()
-        tail = np.concatenate([h.reshape(len(slots), -1), c.reshape(len(slots), -1),
-                               self.last_pred[slots], self.last_input[slots], self.residual_ratio[slots],
-                               self.repeat_run[slots]], axis=1).astype("<f4")
-        version = self.model_version.encode()
-        if self.novelty is None:
-            novelty = [_NOVELTY_COUNT.pack(0)] * len(slots)
-        else:
-            floats, ints = self.novelty.take(slots).to_arrays()
-            count = _NOVELTY_COUNT.pack(self.novelty.n_alphas)
-            floats, ints = floats.astype("<f8"), ints.astype("<i8")
-            novelty = [count + floats[i].tobytes() + ints[i].tobytes() for i in range(len(slots))]
-        out = []
-        for i, (device, slot) in enumerate(zip(device_ids, slots.tolist(), strict=True)):
-            dev = device.encode()
-            body = b"".join((
-                _HEADER.pack(_MAGIC, _FORMAT_VERSION, self.num_layers, self.hidden_size, self.n_features,
-                             len(version), len(dev), int(self.last_ts[slot]), int(self.steps[slot]),
-                             float(self.smoothed[slot]), bool(self.in_episode[slot]),
-                             int(self.run_length[slot]), int(self.episode_start[slot])),
-                version, dev, tail[i].tobytes(), novelty[i]))
-            out.append(body + _CRC.pack(zlib.crc32(body)))
-        return out
-
-    @staticmethod
-    def decode_snapshot(data: bytes) -> DeviceSnapshot:
-        """Parse a snapshot; raises :class:`StateFormatError` naming what is wrong."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise StateFormatError(f"snapshot must be bytes, got {type(data).__name__}")
-        data = bytes(data)
-        if len(data) < _HEADER.size + _CRC.size:
-            raise StateFormatError(f"snapshot too short ({len(data)} bytes)")
-        if data[:4] != _MAGIC:
-            raise StateFormatError("not a device-state snapshot (bad magic bytes)")
-        if data[4] not in _READABLE_VERSIONS:
-            raise StateFormatError(f"unknown snapshot format version {data[4]} (supported: {_READABLE_VERSIONS})")
-        body, (crc,) = data[:-_CRC.size], _CRC.unpack(data[-_CRC.size:])
-        if zlib.crc32(body) != crc:
-            raise StateFormatError("snapshot checksum mismatch (corrupt or truncated)")
-        (_, _, layers, hidden, feats, n_ver, n_dev, last_ts, steps, smoothed, in_ep, run_len,
-         ep_start) = _HEADER.unpack_from(body)
-        off = _HEADER.size
-        n_floats = 2 * layers * hidden + 4 * feats
-        end = off + n_ver + n_dev + 4 * n_floats
-        novelty = None
-        if data[4] >= 3:
-            if len(body) < end + _NOVELTY_COUNT.size:
-                raise StateFormatError("snapshot length does not match its header")
-            (n_alphas,) = _NOVELTY_COUNT.unpack_from(body, end)
-            end += _NOVELTY_COUNT.size
-            if n_alphas:
-                n_nov = 2 * n_alphas + 2 * feats + 1
-                if len(body) != end + 8 * n_nov + 16:
-                    raise StateFormatError("snapshot length does not match its header (novelty records)")
-                floats_nov = np.frombuffer(body, dtype="<f8", count=n_nov, offset=end)[None].astype(np.float64)
-                ints_nov = np.frombuffer(body, dtype="<i8", count=2, offset=end + 8 * n_nov)[None].astype(np.int64)
-                novelty = NoveltyRecords.from_arrays(floats_nov, ints_nov, n_alphas)
-                end += 8 * n_nov + 16
-        if len(body) != end:
-            raise StateFormatError("snapshot length does not match its header")
-        try:
-            version = body[off:off + n_ver].decode()
-            device = body[off + n_ver:off + n_ver + n_dev].decode()
-        except UnicodeDecodeError as exc:
-            raise StateFormatError(f"snapshot has a non-UTF-8 id: {exc}") from exc
-        floats = np.frombuffer(body, dtype="<f4", count=n_floats, offset=off + n_ver + n_dev)
-        lh = layers * hidden
-        return DeviceSnapshot(
-            device_id=device, model_version=version, last_ts=last_ts, steps=steps, smoothed=smoothed,
-            in_episode=bool(in_ep), run_length=run_len, episode_start=ep_start,
-            h=floats[:lh].reshape(layers, hidden), c=floats[lh:2 * lh].reshape(layers, hidden),
-            last_pred=floats[2 * lh:2 * lh + feats], last_input=floats[2 * lh + feats:2 * lh + 2 * feats],
-            residual_ratio=floats[2 * lh + 2 * feats:2 * lh + 3 * feats],
-            repeat_run=floats[2 * lh + 3 * feats:].astype(np.int16), novelty=novelty)
+        The format is :mod:`anomaly.snapshots` (any number of devices per blob; the service's
+        changelog writes many at once with :func:`anomaly.snapshots.encode_groups`).
+        """
+        return encode_states(self, [device_id])
 
     def restore(self, data: bytes) -> str:
-        """Load one snapshot into this store (overwriting that device's state); returns the device id.
+        """Load the state of one device (overwriting it); returns the device id.
 
-        Raises :class:`StateFormatError` for garbage and :class:`StateModelMismatchError` for a
-        snapshot of another model version or shape.
+        Raises :class:`StateFormatError` for garbage and :class:`StateModelMismatchError` for state
+        of another model version or shape.
         """
-        snap = self.decode_snapshot(data)
-        self.restore_snapshots([snap])
-        return snap.device_id
-
-    def restore_snapshots(self, snaps: Sequence[DeviceSnapshot]) -> None:
-        """Load decoded snapshots in one vectorised write (restoring a partition of many devices)."""
-        for snap in snaps:
-            self.check_compatible(snap)
-        if not snaps:
-            return
-        slots = self.slots_for(np.array([s.device_id for s in snaps], dtype=object))
-        idx = torch.as_tensor(slots, dtype=torch.long)
-        self.h[:, idx] = torch.from_numpy(np.stack([s.h for s in snaps], axis=1).copy())
-        self.c[:, idx] = torch.from_numpy(np.stack([s.c for s in snaps], axis=1).copy())
-        self.last_ts[slots] = [s.last_ts for s in snaps]
-        self.steps[slots] = [s.steps for s in snaps]
-        self.smoothed[slots] = [s.smoothed for s in snaps]
-        self.in_episode[slots] = [s.in_episode for s in snaps]
-        self.run_length[slots] = [s.run_length for s in snaps]
-        self.episode_start[slots] = [s.episode_start for s in snaps]
-        self.last_pred[slots] = np.stack([s.last_pred for s in snaps])
-        self.last_input[slots] = np.stack([s.last_input for s in snaps])
-        self.residual_ratio[slots] = np.stack([s.residual_ratio for s in snaps])
-        self.repeat_run[slots] = np.stack([s.repeat_run for s in snaps])
-        if self.novelty is not None:
-            # records of another shape (or none: a snapshot of the threshold rule) start empty
-            fits = np.array([s.novelty is not None and s.novelty.n_alphas == self.novelty.n_alphas
-                             for s in snaps])
-            if (~fits).any():
-                logger.info("%d restored devices carry no novelty records for %d time scales: they start empty",
-                            int((~fits).sum()), self.novelty.n_alphas)
-                self.novelty.reset(slots[~fits])
-            if fits.any():
-                kept = [s.novelty for s, ok in zip(snaps, fits, strict=True) if ok]
-                rows = NoveltyRecords(*(np.concatenate([getattr(r, k) for r in kept])  # type: ignore[union-attr]
-                                        for k in ("ema", "err_record", "val_hi", "val_lo", "entry_level", "seen",
-                                                  "since_alert")))
-                self.novelty.put(slots[fits], rows)
-
-    def check_compatible(self, snap: DeviceSnapshot) -> None:
-        """Raise :class:`StateModelMismatchError` unless ``snap`` fits this store (model version and shape)."""
-        if snap.model_version != self.model_version:
-            raise StateModelMismatchError(
-                f"snapshot of device {snap.device_id!r} is from model version {snap.model_version!r}, "
-                f"expected {self.model_version!r}")
-        if (snap.h.shape != (self.num_layers, self.hidden_size)
-                or snap.last_pred.shape != (self.n_features,)):
-            raise StateModelMismatchError(
-                f"snapshot of device {snap.device_id!r} has shape L={snap.h.shape[0]} H={snap.h.shape[1]} "
-                f"F={snap.last_pred.shape[0]}, expected L={self.num_layers} H={self.hidden_size} "
-                f"F={self.n_features}")
+        batch = decode_states(data)
+        if len(batch) != 1:
+            raise StateFormatError(f"expected the state of one device, got {len(batch)}")
+        load_states(self, batch)
+        return batch.device_ids[0]

@@ -14,6 +14,7 @@ from anomaly.errors import InvalidReadingError
 from anomaly.events import ReadingStatus
 from anomaly.readings import ReadingBatch
 from anomaly.scoring import NormalErrorModel
+from anomaly.snapshots import decode_states, encode_states, load_states
 
 FEATURES = ("a", "b", "c")
 
@@ -268,9 +269,9 @@ def test_novelty_rule_snapshot_restore_continues_like_an_uninterrupted_detector(
     before = StreamingDetector(bundle)
     before.process(batch.take(np.flatnonzero(first)))
     devices = before.store.devices()
-    blobs = before.store.snapshot_many(devices)
+    blob = encode_states(before.store, devices)
     after = StreamingDetector(bundle)
-    after.store.restore_snapshots([after.store.decode_snapshot(b) for b in blobs])
+    load_states(after.store, decode_states(blob))
     got = after.process(batch.take(np.flatnonzero(second)))
     np.testing.assert_allclose(got.scores, expected.scores, atol=1e-6, equal_nan=True)
     np.testing.assert_allclose(got.novelty, expected.novelty, atol=1e-6, equal_nan=True)

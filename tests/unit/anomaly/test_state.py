@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from anomaly.errors import StateFormatError, StateModelMismatchError
+from anomaly.snapshots import decode_states, encode_states, load_states
 from anomaly.state import NO_TIMESTAMP, DeviceStateStore
 
 
@@ -121,7 +122,7 @@ def test_novelty_records_round_trip_through_snapshots_and_growth():
     fill_novelty(store, "b", 1)
     store.slots_for(np.array([f"x{i}" for i in range(5)], dtype=object))  # grows
     other = novelty_store()
-    other.restore_snapshots([other.decode_snapshot(b) for b in store.snapshot_many(["b", "a"])])
+    load_states(other, decode_states(encode_states(store, ["b", "a"])))
     for device in ("a", "b"):
         s, o = store.slot_of(device), other.slot_of(device)
         for name in ("ema", "err_record", "val_hi", "val_lo", "entry_level", "seen", "since_alert"):
@@ -129,7 +130,7 @@ def test_novelty_records_round_trip_through_snapshots_and_growth():
     assert np.isnan(store.novelty.val_hi[store.slot_of("x0")]).all()  # new slots start empty
 
 
-def test_snapshots_without_novelty_records_start_them_empty_and_old_format_still_reads():
+def test_snapshots_without_novelty_records_start_them_empty_and_a_plain_store_ignores_them():
     plain = make_store()
     plain.slots_for(np.array(["a"], dtype=object))
     plain.steps[0] = 9
@@ -139,14 +140,8 @@ def test_snapshots_without_novelty_records_start_them_empty_and_old_format_still
     fill_novelty(store, "a", 0)
     store.restore(blob)
     assert store.novelty.seen[store.slot_of("a")] == 0 and store.steps[store.slot_of("a")] == 9
-    # format 2: the same bytes without the novelty count byte (and version 2)
-    body = bytearray(blob[:-5])
-    body[4] = 2
-    v2 = bytes(body) + struct.pack("<I", zlib.crc32(bytes(body)))
-    snap = DeviceStateStore.decode_snapshot(v2)
-    assert snap.steps == 9 and snap.novelty is None
     # a snapshot with records restores into a plain store, which ignores them
-    plain.restore(novelty_store_snapshot())
+    assert plain.restore(novelty_store_snapshot()) == "z"
 
 
 def novelty_store_snapshot():
@@ -160,7 +155,26 @@ def test_novelty_records_that_are_cut_short_are_rejected():
     blob = novelty_store_snapshot()
     body = bytearray(blob[:-12])  # drop the last 8 bytes of the records and the checksum
     with pytest.raises(StateFormatError, match="length"):
-        DeviceStateStore.decode_snapshot(bytes(body) + struct.pack("<I", zlib.crc32(bytes(body))))
+        make_store().restore(bytes(body) + struct.pack("<I", zlib.crc32(bytes(body))))
+
+
+def test_restore_takes_the_state_of_exactly_one_device():
+    store = make_store()
+    store.slots_for(np.array(["a", "b"], dtype=object))
+    with pytest.raises(StateFormatError, match="one device, got 2"):
+        make_store().restore(encode_states(store, ["a", "b"]))
+
+
+def test_slot_lookup_memo_is_forgotten_when_a_device_is_removed():
+    store = make_store()
+    ids = np.array(["a", "b", "c"], dtype=object)
+    first = store.slots_for(ids).tolist()
+    assert store.slots_for(ids.copy()).tolist() == first  # an equal array: the remembered slots
+    store.remove(["b"])
+    store.slots_for(np.array(["d"], dtype=object))  # may reuse b's slot
+    again = store.slots_for(ids).tolist()
+    assert "b" in store and len(set(again)) == 3 and store.slot_of("d") not in again
+    assert [store.slot_of(x) for x in ("a", "b", "c")] == again
 
 
 def test_novelty_records_cost_120_bytes_per_device_for_two_time_scales_and_four_features():
