@@ -5,9 +5,9 @@ What it measures, all in one run on one broker (so the figures are comparable on
 1. ``restore_s_10k`` / ``restore_s_100k``: time to restore 10,000 and 100,000 devices from the
    changelog on assignment — :func:`streams.changelog.restore_partitions` over the changelog's
    4 partitions (a fresh ``read_committed`` consumer, as a processor's first restore uses), into a
-   fresh state store of the benchmark model (LSTM hidden size 64, 4 features: 572-byte snapshots).
-   The changelog holds one record per bucket (the default 64 per partition, each with every
-   snapshot of its devices, as after compaction) plus commit markers.
+   fresh state store of the benchmark model (LSTM hidden size 64, 4 features: ~610 bytes of state
+   per device). The changelog holds one record per bucket (the default 64 per partition, each with
+   the state of all its devices, as after compaction) plus commit markers.
    Median of the repetitions.
 2. ``eos_throughput_ratio``: readings/s of the service draining the same pre-loaded topic with
    ``exactly_once`` divided by ``at_least_once`` (median of each; runs alternate). The workload is
