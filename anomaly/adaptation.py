@@ -13,13 +13,21 @@ alert when a reading beats one of them by a relative margin (``tolerance``):
 - **value range**: per feature, the highest and lowest (scaled) value seen so far; a reading outside
   that range by more than ``tolerance`` of its width is novel (HTM's "spatial anomaly" in NAB).
 
+Error records are kept per *error channel* (K of them): channel 0 is the forecaster's surprise; a
+bundle with a seasonal period adds channel 1, the surprise of the reading against the same phase one
+period earlier (:func:`anomaly.scoring.seasonal_residuals`). Each channel has its own records and its
+own learning period, because the channels' noise levels differ: one shared record would be set by
+the noisier channel and blind the other (a max of the two surprises has that flaw). A channel's NaN
+surprise (no reference yet) is ignored: its averages and records stay as they were.
+
 Records decay with ``half_life`` readings (error records towards zero, ranges towards their own
 midpoint), so a device becomes sensitive again long after one large incident.
 
 Two outputs come from the novelty score. An *alert* (a page) is raised when a record is beaten,
 except for ``refractory`` readings after the previous alert: further novelty then is the same
-incident. A novelty *episode* (the device's state) opens when an error record is beaten and lasts
-until the slowest error average is back at or below the record it beat, for ``cooldown`` readings:
+incident. A novelty *episode* (the device's state) opens when an error record is beaten (any channel)
+and lasts until every channel's slowest error average is back at or below its record at the opening,
+for ``cooldown`` readings:
 the state is about errors, so it opens and closes on them, while a value leaving its range is an
 alert (an event) that need not mean the device's behaviour has changed.
 
@@ -36,7 +44,7 @@ the benchmark runs share this code. :func:`novelty_step` loops over the T steps 
 What it must not do: train or change the model, score residuals (the detector hands it surprise), or
 know about Kafka.
 
-Shapes: B devices in a call, T steps, F features, A error time scales, C slab capacity.
+Shapes: B devices in a call, T steps, F features, A error time scales, K error channels, C slab capacity.
 """
 
 from __future__ import annotations
@@ -136,19 +144,21 @@ class NoveltyRecords:
 
     Attributes
     ----------
-    ema : ``[C, A]`` float64 moving averages of surprise.
-    err_record : ``[C, A]`` float64 records of ``ema`` (NaN: nothing learned yet).
+    ema : ``[C, K·A]`` float64 moving averages of surprise, column ``k·A + a``: channel k, time scale a.
+    err_record : ``[C, K·A]`` float64 records of ``ema`` (NaN: nothing learned yet).
     val_hi, val_lo : ``[C, F]`` float64 value range in scaled units (NaN: nothing seen yet).
-    entry_level : ``[C]`` float64 the slow record an open episode beat (the level that closes it).
-    seen : ``[C]`` int64 scored readings learned.
+    entry_level : ``[C, K]`` float64 each channel's slow record when the open episode began (what closes it).
+    seen : ``[C, K]`` int64 readings learned per channel (channel 0: every scored reading).
     since_alert : ``[C]`` int64 scored readings since the last alert.
 
-    Memory per slot: ``16·A + 16·F + 24`` bytes (120 B for two time scales and four features).
-    Episode flag and calm-run count are the store's ``in_episode`` and ``run_length``.
+    Memory per slot: ``16·K·A + 16·F + 16·K + 8`` bytes (120 B for one channel, two time scales and
+    four features). Episode flag and calm-run count are the store's ``in_episode`` and ``run_length``.
 
     >>> rec = NoveltyRecords.empty(4, n_alphas=2, n_features=1)
     >>> rec.nbytes_per_slot, rec.take(np.array([1, 2])).ema.shape
     (72, (2, 2))
+    >>> NoveltyRecords.empty(4, n_alphas=2, n_features=1, n_channels=2).ema.shape
+    (4, 4)
     """
 
     ema: np.ndarray
@@ -160,15 +170,20 @@ class NoveltyRecords:
     since_alert: np.ndarray
 
     @classmethod
-    def empty(cls, capacity: int, n_alphas: int, n_features: int) -> NoveltyRecords:
-        return cls(ema=np.zeros((capacity, n_alphas)), err_record=np.full((capacity, n_alphas), np.nan),
+    def empty(cls, capacity: int, n_alphas: int, n_features: int, n_channels: int = 1) -> NoveltyRecords:
+        k = n_channels * n_alphas
+        return cls(ema=np.zeros((capacity, k)), err_record=np.full((capacity, k), np.nan),
                    val_hi=np.full((capacity, n_features), np.nan), val_lo=np.full((capacity, n_features), np.nan),
-                   entry_level=np.zeros(capacity), seen=np.zeros(capacity, dtype=np.int64),
+                   entry_level=np.zeros((capacity, n_channels)), seen=np.zeros((capacity, n_channels), dtype=np.int64),
                    since_alert=np.full(capacity, NEVER_ALERTED, dtype=np.int64))
 
     @property
+    def n_channels(self) -> int:
+        return int(self.seen.shape[1])
+
+    @property
     def n_alphas(self) -> int:
-        return int(self.ema.shape[1])
+        return int(self.ema.shape[1]) // self.n_channels
 
     @property
     def n_features(self) -> int:
@@ -176,20 +191,20 @@ class NoveltyRecords:
 
     @property
     def nbytes_per_slot(self) -> int:
-        return 16 * self.n_alphas + 16 * self.n_features + 24
+        return 16 * self.n_channels * self.n_alphas + 16 * self.n_features + 16 * self.n_channels + 8
 
     def nbytes(self) -> int:
         return sum(getattr(self, k).nbytes for k in _FIELDS)
 
     def grown(self, capacity: int) -> NoveltyRecords:
         """A copy with ``capacity`` slots, the new ones empty."""
-        out = NoveltyRecords.empty(capacity, self.n_alphas, self.n_features)
+        out = NoveltyRecords.empty(capacity, self.n_alphas, self.n_features, self.n_channels)
         out.put(np.arange(len(self.seen)), self)
         return out
 
     def reset(self, slots: np.ndarray) -> None:
         """Forget the records of ``slots`` (a new device, or one removed)."""
-        self.put(slots, NoveltyRecords.empty(len(slots), self.n_alphas, self.n_features))
+        self.put(slots, NoveltyRecords.empty(len(slots), self.n_alphas, self.n_features, self.n_channels))
 
     def take(self, slots: np.ndarray) -> NoveltyRecords:
         """The records of ``slots`` (copies)."""
@@ -201,18 +216,19 @@ class NoveltyRecords:
             getattr(self, k)[slots] = getattr(rows, k)
 
     def to_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """``([n, 2A + 2F + 1] float64, [n, 2] int64)``: the records flattened for snapshots."""
-        floats = np.concatenate([self.ema, self.err_record, self.val_hi, self.val_lo, self.entry_level[:, None]],
-                                axis=1)
-        return floats, np.stack([self.seen, self.since_alert], axis=1)
+        """``([n, 2KA + 2F + K] float64, [n, K + 1] int64)``: the records flattened for snapshots."""
+        floats = np.concatenate([self.ema, self.err_record, self.val_hi, self.val_lo, self.entry_level], axis=1)
+        return floats, np.concatenate([self.seen, self.since_alert[:, None]], axis=1)
 
     @classmethod
-    def from_arrays(cls, floats: np.ndarray, ints: np.ndarray, n_alphas: int) -> NoveltyRecords:
+    def from_arrays(cls, floats: np.ndarray, ints: np.ndarray, n_alphas: int, n_channels: int = 1) -> NoveltyRecords:
         """Inverse of :meth:`to_arrays`."""
-        a, f = n_alphas, (floats.shape[1] - 2 * n_alphas - 1) // 2
+        a, k = n_channels * n_alphas, n_channels
+        f = (floats.shape[1] - 2 * a - k) // 2
         return cls(ema=floats[:, :a].copy(), err_record=floats[:, a:2 * a].copy(),
                    val_hi=floats[:, 2 * a:2 * a + f].copy(), val_lo=floats[:, 2 * a + f:2 * a + 2 * f].copy(),
-                   entry_level=floats[:, -1].copy(), seen=ints[:, 0].copy(), since_alert=ints[:, 1].copy())
+                   entry_level=floats[:, 2 * a + 2 * f:].copy(), seen=ints[:, :k].copy(),
+                   since_alert=ints[:, k].copy())
 
 
 @dataclass(frozen=True)
@@ -241,9 +257,10 @@ def novelty_step(config: NoveltyConfig, records: NoveltyRecords, in_episode: np.
     Parameters
     ----------
     config : NoveltyConfig
-    records : the B devices' records; advanced in place.
+    records : the B devices' records (K error channels); advanced in place.
     in_episode, calm_run : ``[B]`` the devices' novelty-episode flag and calm-run count before the call.
-    surprise : ``[B, T]`` surprise of each reading (``-log10`` tail probability; NaN counts as 0).
+    surprise : ``[B, T]`` (one channel) or ``[B, T, K]`` surprise of each reading per error channel
+        (``-log10`` tail probability); NaN: the channel has none for that reading (ignored).
     values : ``[B, T, F]`` scaled readings (NaN: missing feature, ignored).
     valid : ``[B, T]`` bool, steps that are scored; others neither score nor learn.
 
@@ -251,7 +268,7 @@ def novelty_step(config: NoveltyConfig, records: NoveltyRecords, in_episode: np.
     -------
     NoveltySteps
 
-    Cost: T iterations of O(B·(A + F)) numpy.
+    Cost: T iterations of O(B·(K·A + F)) numpy.
 
     Examples
     --------
@@ -264,47 +281,58 @@ def novelty_step(config: NoveltyConfig, records: NoveltyRecords, in_episode: np.
     """
     cfg = config
     b, t_steps = valid.shape
-    alphas = np.asarray(cfg.alphas, dtype=np.float64)[None, :]
+    sur = np.asarray(surprise, dtype=np.float64)
+    if sur.ndim == 2:
+        sur = sur[:, :, None]
+    k_channels, n_alphas = records.n_channels, len(cfg.alphas)
+    if sur.shape[2] != k_channels or records.n_alphas != n_alphas:
+        raise ValueError(f"expected surprise of {records.n_channels} channel(s) and records of {n_alphas} time "
+                         f"scales, got {sur.shape[2]} channel(s) and {records.n_alphas} time scales")
+    channel = np.repeat(np.arange(k_channels), n_alphas)  # the channel of each error column
+    alphas = np.tile(np.asarray(cfg.alphas, dtype=np.float64), k_channels)[None, :]
+    slow = np.arange(k_channels) * n_alphas + int(np.argmin(cfg.alphas))  # each channel's slow column
     lam, theta = cfg.decay, cfg.threshold
     ema, err, vhi, vlo = records.ema, records.err_record, records.val_hi, records.val_lo
     seen, since, entry = records.seen, records.since_alert, records.entry_level
     inside = np.asarray(in_episode, dtype=bool).copy()
     calm = np.asarray(calm_run, dtype=np.int64).copy()
-    slow = int(np.argmin(cfg.alphas))
     novelty = np.zeros((b, t_steps))
     score = np.zeros((b, t_steps))
     alerts = np.zeros((b, t_steps), dtype=bool)
     anomalous = np.zeros((b, t_steps), dtype=bool)
-    sur = np.nan_to_num(np.asarray(surprise, dtype=np.float64), nan=0.0)
     vals = np.asarray(values, dtype=np.float64)
     for t in range(t_steps):
         ok = valid[:, t]
-        ema = np.where(ok[:, None], alphas * sur[:, t, None] + (1 - alphas) * ema, ema)
+        s_t = sur[:, t]
+        has = ok[:, None] & ~np.isnan(s_t)  # [B, K] channels with a surprise this step
+        learns = has[:, channel]
+        ema = np.where(learns, alphas * s_t[:, channel] + (1 - alphas) * ema, ema)
         record = np.maximum(err, MIN_ERROR_RECORD)
-        excess = np.max(np.where(np.isnan(err), 0.0, ema / record - 1.0), axis=1)
-        learned = ok & (seen >= cfg.learn_readings)
-        error_novel = learned & (excess >= cfg.tolerance)
+        learned = (has & (seen >= cfg.learn_readings))[:, channel]
+        excess = np.max(np.where(learned & ~np.isnan(err), ema / record - 1.0, 0.0), axis=1)
+        error_novel = excess >= cfg.tolerance
         if cfg.value_range:
             ex, vhi, vlo = _range_step(vals[:, t], vhi, vlo, ok, lam)
-            excess = np.maximum(excess, ex)
-        nov = np.where(learned, novelty_from_excess(excess), 0.0)
+            excess = np.maximum(excess, np.where(ok & (seen[:, 0] >= cfg.learn_readings), ex, 0.0))
+        nov = np.where(ok, novelty_from_excess(excess), 0.0)
         novel = ok & (nov >= theta)
         eligible = since >= cfg.refractory
         fire = novel & eligible
-        # an open episode ends once the slow error average is back within the record it had
-        calm = np.where(ok & inside, np.where(ema[:, slow] <= entry, calm + 1, 0), calm)
+        # an open episode ends once every channel's slow error average is back within its record at the opening
+        back = np.all(ema[:, slow] <= entry, axis=1)
+        calm = np.where(ok & inside, np.where(back, calm + 1, 0), calm)
         inside = np.where(inside & (calm >= cfg.cooldown), False, inside)
         opens = error_novel & ~inside  # the state is about errors: it opens and closes on them
-        entry = np.where(opens, np.nan_to_num(record[:, slow], nan=MIN_ERROR_RECORD), entry)
+        entry = np.where(opens[:, None], np.nan_to_num(record[:, slow], nan=MIN_ERROR_RECORD), entry)
         inside = inside | opens
         calm = np.where(opens, 0, calm)
-        err = np.where(ok[:, None], np.fmax(err * lam, np.maximum(ema, MIN_ERROR_RECORD)), err)
+        err = np.where(learns, np.fmax(err * lam, np.maximum(ema, MIN_ERROR_RECORD)), err)
         novelty[:, t] = nov
         score[:, t] = np.where(eligible, nov, np.minimum(nov, theta / 2))
         alerts[:, t] = fire
         anomalous[:, t] = inside
         since = np.where(fire, 0, since + ok)
-        seen = seen + ok
+        seen = seen + has
     records.ema, records.err_record, records.val_hi, records.val_lo = ema, err, vhi, vlo
     records.seen, records.since_alert, records.entry_level = seen, since, entry
     return NoveltySteps(novelty=novelty, alert_score=score, alerts=alerts, anomalous=anomalous,

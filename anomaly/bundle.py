@@ -4,8 +4,9 @@ Why it exists: training (a notebook, the CLI) and scoring (the CLI, the service)
 this format. A bundle directory holds ``weights.safetensors`` (tensors only — safetensors cannot
 carry code, unlike pickle) and ``bundle.json`` (feature names and order, scaler, the normal-error
 model and threshold, detector settings, hyperparameters, name, version, training summary, format
-version and the weights' SHA-256). :meth:`ModelBundle.load` checks every field and the weights'
-shapes against the metadata, and names the problem when something does not fit.
+version and the weights' SHA-256; a bundle trained with a seasonal period adds ``seasonal_scorer``,
+the normal-error model of its seasonal residuals). :meth:`ModelBundle.load` checks every field and
+the weights' shapes against the metadata, and names the problem when something does not fit.
 """
 
 from __future__ import annotations
@@ -33,11 +34,15 @@ from anomaly.errors import BundleError
 from anomaly.model import LSTMForecaster
 from anomaly.scoring import NormalErrorModel
 
-__all__ = ["FORMAT_VERSION", "DetectorConfig", "ModelBundle", "Scaler"]
+__all__ = ["FORMAT_VERSION", "MAX_SEASONAL_PERIOD", "DetectorConfig", "ModelBundle", "Scaler"]
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+MAX_SEASONAL_PERIOD = 4096
+"""Longest seasonal period (in readings) a bundle may carry: each device keeps a ``[P, F]`` float32
+profile, 16 KiB per feature at this length (a week of 5-minute readings is 2,016, a day of 30-second
+ones 2,880); a longer cycle belongs to a model of its own, not to every device's state."""
 METADATA_FILE = "bundle.json"
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -106,6 +111,15 @@ class DetectorConfig:
     novelty_alphas, novelty_tolerance, novelty_half_life, novelty_refractory, novelty_learn_readings,
     novelty_value_range : the novelty rule's settings (see :class:`anomaly.adaptation.NoveltyConfig`;
         ``cooldown`` above ends its episodes); ignored by the threshold rule.
+    seasonal_period : readings per cycle (``None``: off). Under the novelty rule each device then keeps
+        a profile of its last cycle and the surprise of each reading against the same phase one period
+        earlier (scored by the bundle's ``seasonal_scorer``) is a second error channel of its novelty
+        records (:func:`anomaly.scoring.seasonal_residuals`). Set by training (``TrainingConfig.seasonal``)
+        when the training rows have a clear cycle; requires ``seasonal_scorer``.
+    seasonal_alpha : weight of the newest reading in that profile (1: exactly the previous cycle's reading).
+        0.5: an incident in one cycle returns as half its size in the next one's residuals (at 1 it
+        returns whole, mirrored: a likely false alarm one period later), and the reference averages
+        the noise of past cycles, so the residual's variance is 1.33 instead of 2 times a reading's.
     """
 
     threshold: float = 4.0
@@ -128,6 +142,8 @@ class DetectorConfig:
     novelty_refractory: int = 100
     novelty_learn_readings: int = 100
     novelty_value_range: bool = True
+    seasonal_period: int | None = None
+    seasonal_alpha: float = 0.5
 
     def __post_init__(self) -> None:
         if isinstance(self.novelty_alphas, (list, tuple)):  # JSON gives a list
@@ -163,6 +179,10 @@ class DetectorConfig:
             ("novelty_learn_readings", _is_int(self.novelty_learn_readings) and self.novelty_learn_readings >= 0,
              "an integer >= 0"),
             ("novelty_value_range", isinstance(self.novelty_value_range, bool), "true or false"),
+            ("seasonal_period", self.seasonal_period is None or (_is_int(self.seasonal_period)
+                                                                 and 2 <= self.seasonal_period <= MAX_SEASONAL_PERIOD),
+             f"null or an integer in [2, {MAX_SEASONAL_PERIOD}]"),
+            ("seasonal_alpha", _is_number(self.seasonal_alpha) and 0.0 < self.seasonal_alpha <= 1.0, "in (0, 1]"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -194,6 +214,9 @@ class ModelBundle:
     ...     _ = b.save(d)
     ...     ModelBundle.load(d).features
     ('x', 'y')
+
+    ``seasonal_scorer`` is the normal-error model of seasonal residuals; ``config.seasonal_period``
+    requires it.
     """
 
     name: str
@@ -205,6 +228,7 @@ class ModelBundle:
     config: DetectorConfig = field(default_factory=DetectorConfig)
     training: dict[str, Any] = field(default_factory=dict)
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    seasonal_scorer: NormalErrorModel | None = None
 
     def __post_init__(self) -> None:
         self.features = tuple(self.features)
@@ -212,10 +236,15 @@ class ModelBundle:
         if n == 0 or len(set(self.features)) != n or not all(isinstance(f, str) and f for f in self.features):
             raise BundleError(f"features must be distinct non-empty strings, got {list(self.features)}")
         stuck = self.config.stuck_after
+        seasonal = self.seasonal_scorer
         for what, size in (("model", self.model.n_features), ("scaler", len(self.scaler.mean)),
-                           ("scorer", self.scorer.n_features), ("stuck_after", n if stuck is None else len(stuck))):
+                           ("scorer", self.scorer.n_features), ("stuck_after", n if stuck is None else len(stuck)),
+                           ("seasonal_scorer", n if seasonal is None else seasonal.n_features)):
             if size != n:
                 raise BundleError(f"{what} expects {size} features, bundle lists {n}: {list(self.features)}")
+        if self.config.seasonal_period is not None and seasonal is None:
+            raise BundleError(f"detector setting seasonal_period={self.config.seasonal_period} needs a "
+                              "seasonal_scorer (train with seasonal=True)")
         self.model.eval()
 
     @classmethod
@@ -251,6 +280,7 @@ class ModelBundle:
             "scorer": self.scorer.to_dict(),
             "detector": asdict(self.config),
             "training": self.training,
+            "seasonal_scorer": None if self.seasonal_scorer is None else self.seasonal_scorer.to_dict(),
         }
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -339,6 +369,11 @@ class ModelBundle:
         if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(scale)) and np.all(scale > 0)):
             raise BundleError(f"{root / METADATA_FILE}: scaler values must be finite with scale > 0")
         scorer = NormalErrorModel.from_dict(meta["scorer"], n)
+        seasonal = meta.get("seasonal_scorer")
+        try:
+            seasonal_scorer = None if seasonal is None else NormalErrorModel.from_dict(seasonal, n)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{root / METADATA_FILE}: invalid seasonal_scorer: {exc}") from exc
         config = DetectorConfig(**meta["detector"])
         model = LSTMForecaster(n, hidden_size=hidden, num_layers=layers)
         try:
@@ -358,7 +393,8 @@ class ModelBundle:
         model.load_state_dict({k: v.float() for k, v in tensors.items()})
         return cls(name=str(meta["name"]), version=str(meta["version"]), features=tuple(features),
                    scaler=Scaler(mean, scale), model=model, scorer=scorer, config=config,
-                   training=dict(meta.get("training") or {}), created_at=str(meta.get("created_at", "")))
+                   training=dict(meta.get("training") or {}), created_at=str(meta.get("created_at", "")),
+                   seasonal_scorer=seasonal_scorer)
 
 
 def _first_non_finite(node: object, path: str = "") -> str | None:

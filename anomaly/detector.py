@@ -27,6 +27,11 @@ Two episode rules (``DetectorConfig.episode_rule``), both on this one path:
   the maximum surprise only under the threshold rule (fed to the records it would blind the device
   for several half-lives); a gap reset restarts the network but keeps the novelty records *and* the
   novelty episode (no ``end`` event: closed by a gap, an ongoing incident could not reopen it).
+  With ``seasonal_period`` P set, each device also keeps a ``[P, F]`` profile of its last cycle, indexed
+  by time phase; the surprise of ``reading - profile`` (the bundle's ``seasonal_scorer``) is a second
+  error channel with records of its own (NaN, so ignored, until the phase has a reference). The one-step
+  forecaster cannot see a cycle whose shape changes smoothly (a daily peak that stays low); the
+  seasonal residual does. Costs T more vectorised gather/scatter steps of ``[B, F]`` per call.
 
 Cost per call: one LSTM forward pass over [B, T, F] (in cache-sized blocks of devices), O(N log N) numpy
 for grouping (no hashing of ids when they equal the previous call's, all distinct), and T
@@ -58,6 +63,8 @@ from anomaly.scoring import (
     normalize_residuals,
     repeat_runs,
     score_from_surprise,
+    seasonal_phase,
+    seasonal_residuals,
     smooth_surprise,
 )
 from anomaly.state import NO_TIMESTAMP, DeviceStateStore
@@ -106,9 +113,12 @@ class StreamingDetector:
         self.model = bundle.model.eval()
         self.features = bundle.features
         self.novelty_config = self.config.novelty if self.config.episode_rule == "novelty" else None
+        # the seasonal channel is one of the novelty rule's error channels: without that rule, no profile
+        period = self.config.seasonal_period if self.novelty_config is not None else None
         self.store = DeviceStateStore(self.model.num_layers, self.model.hidden_size, len(self.features),
                                       model_version=bundle.version, capacity=capacity,
-                                      novelty_alphas=len(self.config.novelty_alphas) if self.novelty_config else 0)
+                                      novelty_alphas=len(self.config.novelty_alphas) if self.novelty_config else 0,
+                                      seasonal_period=period or 0)
         self.policy = EpisodePolicy(enter=self.config.threshold,
                                     exit=self.config.threshold * self.config.exit_ratio,
                                     min_duration=self.config.min_duration, cooldown=self.config.cooldown)
@@ -260,8 +270,10 @@ class StreamingDetector:
             # not MAX_SURPRISE where stuck: that would raise the device's error records to the maximum and
             # leave it blind to errors for several half-lives (stuck sensors are the threshold rule's to flag)
             absolute = np.where(scored, scorer.surprise(raw - expected), np.float32(0.0))
+            errors = absolute if store.season is None else np.stack(
+                [absolute, self._seasonal_surprise(raw, ts, cells, valid, scored, slots)], axis=2)
             records = store.novelty.take(slots)  # type: ignore[union-attr]
-            nov = novelty_step(self.novelty_config, records, before, store.run_length[slots], absolute, raw, scored)
+            nov = novelty_step(self.novelty_config, records, before, store.run_length[slots], errors, raw, scored)
             store.novelty.put(slots, records)  # type: ignore[union-attr]
             previous = np.concatenate([before[:, None], nov.anomalous[:, :-1]], axis=1)
             started, ended = nov.anomalous & ~previous, previous & ~nov.anomalous
@@ -301,6 +313,20 @@ class StreamingDetector:
         if len(ev_b):
             self._emit(ev_b, ev_t, started, event_score, residual, expected, start_pos, ts, rows, slots,
                        batch, result, stuck_cells)
+
+    def _seasonal_surprise(self, raw: np.ndarray, ts: np.ndarray, cells: tuple, valid: np.ndarray,
+                           scored: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Surprise ``[B, T]`` of each reading against its device's seasonal profile (NaN: not scored, or no
+        reference yet); advances the profiles of ``slots`` over every valid reading, warm-up included."""
+        cfg, store = self.config, self.store
+        period = store.season.shape[1]  # type: ignore[union-attr]
+        ts_bt = np.zeros(valid.shape, dtype=np.int64)
+        ts_bt[cells] = ts
+        phase = seasonal_phase(ts_bt, cfg.nominal_interval_ms, period)
+        residual = seasonal_residuals(store.season, slots, phase, raw, valid, cfg.seasonal_alpha)  # type: ignore[arg-type]
+        known = scored & ~np.isnan(residual).all(axis=2)
+        return np.where(known, self.bundle.seasonal_scorer.surprise(residual),  # type: ignore[union-attr]
+                        np.float32(np.nan))
 
     def _advance(self, x: np.ndarray, lengths: np.ndarray, full: bool, slots: np.ndarray) -> np.ndarray:
         """Run the model over ``x`` ``[B, T, F]`` (row i: ``lengths[i]`` readings of the device in ``slots[i]``)

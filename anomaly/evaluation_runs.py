@@ -13,7 +13,8 @@ Benchmark rules as applied here:
 
 - **NAB**: each file is seen online, in order, once; the detector never sees a later row or a label.
   It trains on the probationary period (the first ``min(floor(0.15 N), 750)`` rows) and keeps
-  adapting online after it (its novelty records). Results: ``<category>/<file>.csv`` with
+  adapting online after it (its novelty records). Training also looks for a cycle in those rows
+  (``seasonal``); a file that has one gets the seasonal error channel. Results: ``<category>/<file>.csv`` with
   ``timestamp,value,anomaly_score``. ``anomaly_score`` is the novelty alert score, so a row scores at
   or above the shipped threshold exactly where the detector raises an alert.
 - **SKAB**: per file, the model trains on the first ``skab_train_rows`` (400) rows only (the
@@ -109,6 +110,9 @@ class EvalSettings:
         ``"detector"``: ``episode_rule="threshold"``, the detector's own statistic and episode flag, for
         comparison (on NAB written as ``statistic / (2 * calibrated threshold)``, so that the fixed
         threshold 0.5 is each file's calibrated one).
+    seasonal : train with ``seasonal=True``: a file whose training rows have a clear cycle gets a seasonal
+        error channel (:func:`anomaly.training.dominant_period`, ``DetectorConfig.seasonal_period``).
+    seasonal_alpha : the detector's ``seasonal_alpha`` (weight of the newest reading in the profile).
     skab_train_rows : rows at the start of each SKAB file used for training and never scored.
     river_quantile : River's SKAB threshold, the quantile of its scores on the training rows (it ships
         none; ours needs none: its alerts are relative to each device's own records).
@@ -123,6 +127,8 @@ class EvalSettings:
     chunk_rows: int = 256
     novelty: NoveltyConfig = field(default_factory=NoveltyConfig)
     score_source: Literal["novelty", "detector"] = "novelty"
+    seasonal: bool = True
+    seasonal_alpha: float = 0.5
     skab_train_rows: int = 400
     river_quantile: float = 0.99
 
@@ -134,6 +140,9 @@ class EvalSettings:
                 raise ValueError(f"evaluation setting {name}={value!r} must be an integer >= 1")
         if self.score_source not in ("novelty", "detector"):
             raise ValueError(f"evaluation setting score_source={self.score_source!r} must be 'novelty' or 'detector'")
+        if not isinstance(self.seasonal, bool) or not 0.0 < self.seasonal_alpha <= 1.0:
+            raise ValueError(f"evaluation settings seasonal={self.seasonal!r}, seasonal_alpha={self.seasonal_alpha!r} "
+                             "must be true or false, and in (0, 1]")
         if not 0.5 <= self.river_quantile < 1.0:
             raise ValueError(f"evaluation setting river_quantile={self.river_quantile} must be in [0.5, 1)")
 
@@ -148,7 +157,8 @@ class EvalSettings:
         return DetectorConfig(episode_rule="novelty" if self.score_source == "novelty" else "threshold",
                               cooldown=n.cooldown, novelty_alphas=n.alphas, novelty_tolerance=n.tolerance,
                               novelty_half_life=n.half_life, novelty_refractory=n.refractory,
-                              novelty_learn_readings=n.learn_readings, novelty_value_range=n.value_range)
+                              novelty_learn_readings=n.learn_readings, novelty_value_range=n.value_range,
+                              seasonal_alpha=self.seasonal_alpha)
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -173,7 +183,8 @@ def _train(frame: pd.DataFrame, features: Sequence[str], time_col: str, settings
     try:
         return fit(frame, list(features), time_col=time_col, hidden_size=settings.hidden_size,
                    epochs=settings.epochs, window=settings.window, piece_length=settings.piece_length,
-                   val_fraction=val_fraction, seed=settings.seed, detector=detector, name=name, progress=False)
+                   val_fraction=val_fraction, seed=settings.seed, detector=detector, name=name, progress=False,
+                   seasonal=settings.seasonal)
     except TrainingError as exc:
         raise TrainingError(f"{name}: cannot train on its {rows} training rows: {exc}") from exc
 

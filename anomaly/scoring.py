@@ -43,6 +43,8 @@ __all__ = [
     "normalize_residuals",
     "repeat_runs",
     "score_from_surprise",
+    "seasonal_phase",
+    "seasonal_residuals",
     "smooth_surprise",
     "surprise_from_score",
 ]
@@ -318,6 +320,58 @@ def repeat_runs(values: np.ndarray, valid: np.ndarray, previous: np.ndarray,
         prev = np.where(seen, v, prev)
         out[:, t] = r
     return out, r
+
+
+def seasonal_phase(ts_ms: np.ndarray, interval_ms: int, period: int) -> np.ndarray:
+    """Phase ``[...]`` int64 in ``[0, period)`` of readings at ``ts_ms``: their slot on the nominal time grid.
+
+    Time rather than a count of readings, so a dropped reading or a gap does not shift the phase of
+    every later reading (the grid is epoch-aligned: the same timestamp always has the same phase).
+
+    >>> seasonal_phase(np.array([0, 1000, 2400, 3000, 5100]), 1000, 3).tolist()
+    [0, 1, 2, 0, 2]
+    """
+    return ((np.asarray(ts_ms, dtype=np.int64) + interval_ms // 2) // interval_ms) % period
+
+
+def seasonal_residuals(profile: np.ndarray, slots: np.ndarray, phase: np.ndarray, values: np.ndarray,
+                       valid: np.ndarray, alpha: float) -> np.ndarray:
+    """Residuals of readings against the same phase one period earlier; updates ``profile`` step by step.
+
+    The seasonal-naive forecast: a reading is compared with what the device did at the same phase of
+    the previous period(s). It sees what a one-step forecaster cannot: a daily peak that stays low, or
+    a daily jump that does not come, is perfectly predictable one step at a time.
+
+    Parameters
+    ----------
+    profile : ``[C, P, F]`` float32 slab, per slot the reference at each phase (NaN: not seen yet);
+        updated in place at ``(slot, phase)`` of every valid reading.
+    slots : ``[B]`` the rows' slots (distinct); phase : ``[B, T]`` int phases (:func:`seasonal_phase`).
+    values : ``[B, T, F]`` scaled readings (NaN: missing feature: no residual, no update).
+    valid : ``[B, T]`` bool, readings that exist (others neither score nor update).
+    alpha : weight of the newest reading in the reference (1: exactly the reading one period earlier).
+
+    Returns
+    -------
+    ``[B, T, F]`` float32 ``values - reference`` before each step (NaN without a reading or a reference).
+    Cost: T vectorised gathers and scatters of ``[B, F]``.
+
+    >>> profile = np.full((1, 2, 1), np.nan, np.float32)
+    >>> x = np.array([[[1.0], [5.0], [2.0], [5.0]]], np.float32)
+    >>> r = seasonal_residuals(profile, np.array([0]), np.array([[0, 1, 0, 1]]), x, np.ones((1, 4), bool), 1.0)
+    >>> r[0, :, 0].tolist(), profile[0, :, 0].tolist()
+    ([nan, nan, 1.0, 0.0], [2.0, 5.0])
+    """
+    out = np.full(values.shape, np.nan, dtype=np.float32)
+    a = np.float32(alpha)
+    for t in range(values.shape[1]):
+        ok = valid[:, t]
+        s, p = slots[ok], phase[ok, t]
+        ref, v = profile[s, p], values[ok, t]
+        out[ok, t] = v - ref
+        new = v if alpha == 1.0 else ref + a * (v - ref)
+        profile[s, p] = np.where(np.isnan(v), ref, np.where(np.isnan(ref), v, new))
+    return out
 
 
 def decision_surprise(smoothed: np.ndarray, raw: np.ndarray, point_margin: float) -> np.ndarray:

@@ -9,14 +9,17 @@ and decoding are a handful of numpy copies whatever the count. A blob holds any 
 
 Layout (little-endian)::
 
-    header    b"SABS" | u8 format | u16 L | u32 H | u16 F | u8 A | u32 n | u16 len(model version)
+    header    b"SABS" | u8 format | u16 L | u32 H | u16 F | u8 A | u8 K | u32 P | u32 n | u16 len(model version)
     model version (UTF-8)
     u16[n] id lengths, then the ids (UTF-8, concatenated)
     i64[n] last_ts | i64[n] steps | f32[n] smoothed | u8[n] in_episode | i32[n] run_length |
     i64[n] episode_start | f32[n, L, H] h | f32[n, L, H] c | f32[n, F] last_pred |
     f32[n, F] last_input | f32[n, F] residual_ratio | i16[n, F] repeat_run
-    if A > 0: f64[n, 2A + 2F + 1] and i64[n, 2]: the novelty records (anomaly.adaptation)
+    if A > 0: f64[n, 2KA + 2F + K] and i64[n, K + 1]: the novelty records, K error channels (anomaly.adaptation)
+    if P > 0: f32[n, P, F] the seasonal profile (anomaly.scoring.seasonal_residuals)
     u32 CRC-32 of everything before it
+
+Format 2 added K and P (format 1 blobs are refused as unknown: none was ever persisted).
 
 Decoding never executes anything from the bytes; garbage, a wrong length or a bad checksum raise
 :class:`~anomaly.errors.StateFormatError` naming the problem, and loading state of another model
@@ -45,8 +48,8 @@ __all__ = ["FORMAT_VERSION", "StateBatch", "check_compatible", "decode_states", 
            "load_states"]
 
 MAGIC = b"SABS"
-FORMAT_VERSION = 1
-_HEADER = struct.Struct("<4sBHIHBIH")
+FORMAT_VERSION = 2
+_HEADER = struct.Struct("<4sBHIHBBIIH")
 _CRC = struct.Struct("<I")
 _SCALARS = (("last_ts", "<i8"), ("steps", "<i8"), ("smoothed", "<f4"), ("in_episode", "u1"),
             ("run_length", "<i4"), ("episode_start", "<i8"))
@@ -75,6 +78,7 @@ class StateBatch:
     residual_ratio: np.ndarray  # [n, F] float32
     repeat_run: np.ndarray  # [n, F] int16
     novelty: NoveltyRecords | None = None  # n rows; None: written by a store without novelty records
+    season: np.ndarray | None = None  # [n, P, F] float32; None: written by a store without a seasonal period
 
     def __len__(self) -> int:
         return len(self.device_ids)
@@ -86,7 +90,8 @@ class StateBatch:
         return StateBatch(model_version=self.model_version, device_ids=[self.device_ids[i] for i in idx.tolist()],
                           num_layers=self.num_layers, hidden_size=self.hidden_size, n_features=self.n_features,
                           h=self.h[idx], c=self.c[idx],
-                          novelty=None if self.novelty is None else self.novelty.take(idx), **arrays)
+                          novelty=None if self.novelty is None else self.novelty.take(idx),
+                          season=None if self.season is None else self.season[idx], **arrays)
 
 
 def encode_states(store: DeviceStateStore, device_ids: Sequence[str]) -> bytes:
@@ -113,6 +118,8 @@ def encode_groups(store: DeviceStateStore, groups: Sequence[Sequence[str]]) -> l
     layers, hidden, feats = store.num_layers, store.hidden_size, store.n_features
     version = store.model_version.encode()
     alphas = store.novelty.n_alphas if store.novelty is not None else 0
+    channels = store.novelty.n_channels if store.novelty is not None else 0
+    period = store.season.shape[1] if store.season is not None else 0
     idx = torch.as_tensor(slots, dtype=torch.long)
     columns = [np.ascontiguousarray(getattr(store, name)[slots], dtype=dtype) for name, dtype in _SCALARS]
     columns += [store.h.index_select(1, idx).permute(1, 0, 2).contiguous().numpy().astype("<f4", copy=False),
@@ -121,12 +128,15 @@ def encode_groups(store: DeviceStateStore, groups: Sequence[Sequence[str]]) -> l
     if store.novelty is not None:
         floats, ints = store.novelty.take(slots).to_arrays()
         columns += [floats.astype("<f8"), ints.astype("<i8")]
+    if store.season is not None:
+        columns.append(np.ascontiguousarray(store.season[slots], dtype="<f4"))
     out: list[bytes] = []
     start = 0
     for group in groups:
         end = start + len(group)
         ids = [d.encode() for d in group]
-        parts = [_HEADER.pack(MAGIC, FORMAT_VERSION, layers, hidden, feats, alphas, len(group), len(version)),
+        parts = [_HEADER.pack(MAGIC, FORMAT_VERSION, layers, hidden, feats, alphas, channels, period, len(group),
+                              len(version)),
                  version, np.fromiter((len(i) for i in ids), dtype="<u2", count=len(ids)).tobytes(), b"".join(ids)]
         parts += [column[start:end].tobytes() for column in columns]
         body = b"".join(parts)
@@ -149,7 +159,9 @@ def decode_states(data: bytes | bytearray | memoryview) -> StateBatch:
     body, (crc,) = memoryview(data)[:-_CRC.size], _CRC.unpack(data[-_CRC.size:])
     if zlib.crc32(body) != crc:
         raise StateFormatError("state checksum mismatch (corrupt or truncated)")
-    _, _, layers, hidden, feats, alphas, n, n_version = _HEADER.unpack_from(data)
+    _, _, layers, hidden, feats, alphas, channels, period, n, n_version = _HEADER.unpack_from(data)
+    if (alphas == 0) != (channels == 0):
+        raise StateFormatError(f"state blob header has {alphas} novelty time scales but {channels} error channels")
     pos = _HEADER.size
 
     def take(count: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -185,13 +197,15 @@ def decode_states(data: bytes | bytearray | memoryview) -> StateBatch:
     per_feature = {name: take(n * feats, dtype, (n, feats)) for name, dtype in _PER_FEATURE}
     novelty = None
     if alphas:
-        k = 2 * alphas + 2 * feats + 1
-        novelty = NoveltyRecords.from_arrays(take(n * k, "<f8", (n, k)), take(n * 2, "<i8", (n, 2)), alphas)
+        k = 2 * channels * alphas + 2 * feats + channels
+        novelty = NoveltyRecords.from_arrays(take(n * k, "<f8", (n, k)),
+                                             take(n * (channels + 1), "<i8", (n, channels + 1)), alphas, channels)
+    season = take(n * period * feats, "<f4", (n, period, feats)) if period else None
     if pos != len(body):
         raise StateFormatError("state blob length does not match its header")
     scalars["in_episode"] = scalars["in_episode"].astype(bool)
     return StateBatch(model_version=version, device_ids=device_ids, num_layers=layers, hidden_size=hidden,
-                      n_features=feats, h=h, c=c, novelty=novelty, **scalars, **per_feature)
+                      n_features=feats, h=h, c=c, novelty=novelty, season=season, **scalars, **per_feature)
 
 
 def check_compatible(store: DeviceStateStore, batch: StateBatch) -> None:
@@ -211,7 +225,7 @@ def load_states(store: DeviceStateStore, batch: StateBatch) -> None:
     """Write ``batch`` into ``store`` (overwriting those devices) in one vectorised pass.
 
     Raises :class:`StateModelMismatchError` for state of another model version or shape. Novelty
-    records of another shape (or none) start empty; a store without records ignores them.
+    records or a seasonal profile of another shape (or none) start empty; a store without them ignores them.
     """
     check_compatible(store, batch)
     if not len(batch):
@@ -223,7 +237,11 @@ def load_states(store: DeviceStateStore, batch: StateBatch) -> None:
     for name, _ in _SCALARS + _PER_FEATURE:
         getattr(store, name)[slots] = getattr(batch, name)
     if store.novelty is not None:
-        if batch.novelty is not None and batch.novelty.n_alphas == store.novelty.n_alphas:
-            store.novelty.put(slots, batch.novelty)
+        rec = batch.novelty
+        if rec is not None and (rec.n_alphas, rec.n_channels) == (store.novelty.n_alphas, store.novelty.n_channels):
+            store.novelty.put(slots, rec)
         else:
             store.novelty.reset(slots)
+    if store.season is not None:
+        fits = batch.season is not None and batch.season.shape[1:] == store.season.shape[1:]
+        store.season[slots] = batch.season if fits else np.nan

@@ -12,7 +12,8 @@ topics), or score readings (``anomaly.detector`` does).
 
 Memory: ``2·L·H·4`` bytes of h/c plus ``14·F + 33`` bytes of scalars per slot, plus the id
 dictionary; a store made for the novelty episode rule (``novelty_alphas`` > 0) adds the novelty records,
-``16·A + 16·F + 24`` bytes per slot (:class:`anomaly.adaptation.NoveltyRecords`).
+``16·K·A + 16·F + 16·K + 8`` bytes per slot (:class:`anomaly.adaptation.NoveltyRecords`), and one with a
+seasonal period P adds the seasonal profile, ``4·P·F`` bytes per slot (only then allocated).
 Capacity grows to the next power of two, so growth copies are amortised, never per step.
 """
 
@@ -63,9 +64,12 @@ class DeviceStateStore:
     repeat_run : ``[C, F]`` int16, consecutive readings in which each feature repeated its previous
     value exactly (a stuck sensor, see :func:`anomaly.scoring.repeat_runs`)
     novelty : :class:`~anomaly.adaptation.NoveltyRecords` of C slots, or ``None`` unless the store was
-    made with ``novelty_alphas`` > 0 (the novelty episode rule). A gap reset keeps them (they are what
-    the device has done, not its network state) with the episode flag they decide; a new, removed or
-    evicted device starts empty.
+    made with ``novelty_alphas`` > 0 (the novelty episode rule); two error channels when
+    ``seasonal_period`` > 0, one otherwise. A gap reset keeps them (they are what the device has done,
+    not its network state) with the episode flag they decide; a new, removed or evicted device starts empty.
+    season : ``[C, P, F]`` float32 seasonal profile (NaN: phase not seen yet; see
+    :func:`anomaly.scoring.seasonal_residuals`), or ``None`` unless ``seasonal_period`` > 0. Indexed by
+    time phase, so a gap reset keeps it, like the novelty records.
 
     Examples
     --------
@@ -80,7 +84,7 @@ class DeviceStateStore:
     """
 
     def __init__(self, num_layers: int, hidden_size: int, n_features: int, model_version: str = "",
-                 capacity: int = 1024, novelty_alphas: int = 0):
+                 capacity: int = 1024, novelty_alphas: int = 0, seasonal_period: int = 0):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.num_layers = num_layers
@@ -106,7 +110,11 @@ class DeviceStateStore:
         self.repeat_run = np.empty((0, n_features), dtype=np.int16)
         if not 0 <= novelty_alphas <= 255:
             raise ValueError(f"novelty_alphas must be in [0, 255], got {novelty_alphas}")
-        self.novelty = NoveltyRecords.empty(0, novelty_alphas, n_features) if novelty_alphas else None
+        if seasonal_period < 0 or (seasonal_period and not novelty_alphas):
+            raise ValueError(f"seasonal_period must be >= 0 and needs novelty_alphas > 0, got {seasonal_period}")
+        channels = 2 if seasonal_period else 1
+        self.novelty = NoveltyRecords.empty(0, novelty_alphas, n_features, channels) if novelty_alphas else None
+        self.season = np.empty((0, seasonal_period, n_features), dtype=np.float32) if seasonal_period else None
         self._grow(capacity)
 
     # ------------------------------------------------------------------ slots
@@ -177,9 +185,12 @@ class DeviceStateStore:
             out[old:] = fill
             return out
 
-        for name, fill in (("last_ts", NO_TIMESTAMP), ("steps", 0), ("smoothed", 0.0), ("in_episode", False),
-                           ("run_length", 0), ("episode_start", 0), ("last_pred", 0.0), ("last_input", 0.0),
-                           ("residual_ratio", 1.0), ("repeat_run", 0)):
+        fills: tuple[tuple[str, object], ...] = (
+            ("last_ts", NO_TIMESTAMP), ("steps", 0), ("smoothed", 0.0), ("in_episode", False), ("run_length", 0),
+            ("episode_start", 0), ("last_pred", 0.0), ("last_input", 0.0), ("residual_ratio", 1.0), ("repeat_run", 0))
+        if self.season is not None:
+            fills += (("season", np.nan),)
+        for name, fill in fills:
             setattr(self, name, grow_np(getattr(self, name), fill))
         for name in ("h", "c"):
             t = getattr(self, name)
@@ -193,9 +204,9 @@ class DeviceStateStore:
     def reset(self, slots: np.ndarray, keep_novelty: bool = False) -> None:
         """Zero the state of ``slots`` (a new device, or one restarting after a gap); keeps ``last_ts``.
 
-        ``keep_novelty``: keep the novelty records and the episode they decide (``in_episode``,
-        ``run_length``, ``episode_start``): a gap reset under the novelty rule restarts the network, not
-        the device's history.
+        ``keep_novelty``: keep the novelty records, the episode they decide (``in_episode``,
+        ``run_length``, ``episode_start``) and the seasonal profile: a gap reset under the novelty rule
+        restarts the network, not the device's history.
         """
         idx = torch.as_tensor(slots, dtype=torch.long)
         self.h[:, idx] = 0.0
@@ -212,6 +223,8 @@ class DeviceStateStore:
         self.repeat_run[slots] = 0
         if self.novelty is not None and not keep_novelty:
             self.novelty.reset(slots)
+        if self.season is not None and not keep_novelty:
+            self.season[slots] = np.nan
 
     def remove(self, device_ids: Iterable[str]) -> int:
         """Drop devices' state (e.g. their partition was revoked); returns how many were held."""
@@ -250,7 +263,8 @@ class DeviceStateStore:
         arrays = (self.last_ts, self.steps, self.smoothed, self.in_episode, self.run_length,
                   self.episode_start, self.last_pred, self.last_input, self.residual_ratio, self.repeat_run)
         novelty = self.novelty.nbytes() if self.novelty is not None else 0
-        return (self.h.element_size() * self.h.nelement() * 2) + sum(a.nbytes for a in arrays) + novelty
+        season = self.season.nbytes if self.season is not None else 0
+        return (self.h.element_size() * self.h.nelement() * 2) + sum(a.nbytes for a in arrays) + novelty + season
 
     # -------------------------------------------------------------- snapshots
     def snapshot(self, device_id: str) -> bytes:

@@ -7,7 +7,9 @@ held-out normal part → fit the scaler on the training part → truncated backp
 time over contiguous pieces, carrying (h, c) across chunks so the network learns to run from a
 long-lived state, as it does in the service → early stopping on the held-out loss → fit the
 :class:`~anomaly.scoring.NormalErrorModel` and the threshold on held-out residuals, computed by
-streaming each device's whole series through the trained model.
+streaming each device's whole series through the trained model → optionally (``seasonal=True``)
+detect a dominant cycle (:func:`dominant_period`) and fit a second normal-error model on the
+residuals of each reading against the same phase one period earlier.
 
 What it must not do: read files or talk to Kafka (``anomaly.datasets`` and ``streams`` do).
 Deterministic for a given seed on one machine.
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from anomaly.bundle import DetectorConfig, ModelBundle, Scaler
+from anomaly.bundle import MAX_SEASONAL_PERIOD, DetectorConfig, ModelBundle, Scaler
 from anomaly.errors import DataError, TrainingError
 from anomaly.model import LSTMForecaster
 from anomaly.readings import ReadingBatch
@@ -37,15 +39,33 @@ from anomaly.scoring import (
     calibrate_threshold,
     decision_surprise,
     normalize_residuals,
+    seasonal_phase,
+    seasonal_residuals,
     smooth_surprise,
 )
 
-__all__ = ["Adam", "TrainingConfig", "fit", "prepare_series"]
+__all__ = ["Adam", "TrainingConfig", "dominant_period", "fit", "prepare_series"]
 
 logger = logging.getLogger(__name__)
 
 CALIBRATION_MIN = 50
 """Held-out normal readings (after warm-up) the scorer is calibrated on, at least."""
+
+MIN_PERIOD = 8
+"""Shortest cycle :func:`dominant_period` reports: below it the one-step forecaster sees the cycle itself."""
+MIN_CYCLES = 1.5
+"""A cycle counts only with this many of its periods in the data: one and a half periods make the
+autocorrelation at its lag rest on half a period of pairs at least."""
+MIN_AUTOCORRELATION = 0.5
+"""The autocorrelation at a cycle's lag must reach this ("clearly periodic": half the variance shared
+with the previous cycle); below it the seasonal residual is mostly noise of two readings."""
+MIN_DIP = 0.2
+"""...and exceed the lowest autocorrelation at shorter lags by this much: a slow trend's autocorrelation
+is high at every lag and falls steadily, so its "peaks" are not cycles."""
+SAME_CYCLE = 0.05
+"""Peaks within this much of the highest are one cycle and its multiples (a sine of period 48 peaks
+at 48, 96, 144, ... almost equally, and noise decides which is highest): the shortest is the cycle.
+A weekly cycle on top of a daily one peaks clearly higher at the week, and is taken."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +92,9 @@ class TrainingConfig:
     threads: int = 1
     """torch intra-op threads while training: the batches are small, and on a shared 2-core machine one
     thread was 8x faster than two (spinning OpenMP workers contend with everything else)."""
+    seasonal: bool = False
+    """Detect a dominant cycle in the training rows (:func:`dominant_period`) and, if there is one, set the
+    detector's ``seasonal_period`` and calibrate the bundle's ``seasonal_scorer`` (off: no seasonal channel)."""
 
     def __post_init__(self) -> None:
         ints = ("hidden_size", "num_layers", "window", "piece_length", "batch_size", "epochs", "patience", "threads")
@@ -84,6 +107,8 @@ class TrainingConfig:
             raise ValueError(f"training setting learning_rate={self.learning_rate} must be > 0")
         if self.piece_length < self.window:
             raise ValueError(f"piece_length ({self.piece_length}) must be >= window ({self.window})")
+        if not isinstance(self.seasonal, bool):
+            raise ValueError(f"training setting seasonal={self.seasonal!r} must be true or false")
 
 
 def prepare_series(frame: pd.DataFrame, features: Sequence[str], time_col: str,
@@ -311,19 +336,25 @@ def _fit(frame: pd.DataFrame, features: Sequence[str], time_col: str, device_col
 
     scorer, threshold = _calibrate(model, [scaled[d] for d in usable], [splits[d] for d in usable], det)
     stuck_after = det.stuck_after or _stuck_limits([series[d][1] for d in usable])
+    period, seasonal_scorer, seasonal_info = None, None, None
+    if cfg.seasonal:
+        period, seasonal_scorer, seasonal_info = _calibrate_seasonal(
+            [series[d][0] for d in usable], [scaled[d] for d in usable], interval, det.seasonal_alpha)
     summary = {
         "rows": n_rows, "devices": len(devices), "devices_used": len(usable),
         "time_range": [int(min(series[d][0][0] for d in usable)), int(max(series[d][0][-1] for d in usable))],
         "epochs": epochs_run, "best_val_loss": best_loss, "history": history,
         "seconds": round(time.perf_counter() - started, 2), "seed": cfg.seed,
         "calibration_residuals": scorer.n_fit, "config": {k: v for k, v in cfg.__dict__.items()},
+        "seasonal": seasonal_info,
     }
     logger.info("trained %s v%s on %d rows in %.1f s (best held-out loss %.5f)", name, version, n_rows,
                 summary["seconds"], best_loss)
     return ModelBundle(name=name, version=version, features=tuple(features), scaler=scaler, model=model,
                        scorer=scorer,
-                       config=replace(det, threshold=threshold, nominal_interval_ms=interval, stuck_after=stuck_after),
-                       training=summary)
+                       config=replace(det, threshold=threshold, nominal_interval_ms=interval, stuck_after=stuck_after,
+                                      seasonal_period=period),
+                       training=summary, seasonal_scorer=seasonal_scorer)
 
 
 def _stuck_limits(series: list[np.ndarray]) -> tuple[int, ...]:
@@ -383,3 +414,102 @@ def _calibrate(model: LSTMForecaster, series: list[np.ndarray], splits: list[int
     smoothed = smooth_surprise(surprise, valid, np.zeros(len(residuals), np.float32), det.smoothing_alpha)
     decision = decision_surprise(smoothed, surprise, det.point_margin)
     return scorer, calibrate_threshold(decision[valid], det.false_alarm_rate)
+
+
+def dominant_period(series: Sequence[np.ndarray], min_period: int = MIN_PERIOD,
+                    max_period: int = MAX_SEASONAL_PERIOD) -> tuple[int | None, float]:
+    """The lag (in readings) of the strongest cycle in scaled series, or ``None``; and its autocorrelation.
+
+    The autocorrelation at lag L is the Pearson correlation of ``x[t]`` with ``x[t + L]``, pairs pooled
+    over the series, averaged over features. A cycle is a local maximum at a lag in
+    ``[min_period, min(max_period, n / MIN_CYCLES)]`` (n: the longest series) that reaches
+    ``MIN_AUTOCORRELATION`` and rises ``MIN_DIP`` above the lowest autocorrelation at shorter lags; of
+    those within ``SAME_CYCLE`` of the highest, the shortest wins. Cost: one FFT per series and
+    feature, O(n log n).
+
+    Parameters
+    ----------
+    series : per device ``[T, F]`` readings at a regular interval (gaps are not filled: lags count readings).
+
+    Examples
+    --------
+    >>> t = np.arange(600)
+    >>> noise = np.random.default_rng(0).normal(0, 0.2, 600)
+    >>> period, acf = dominant_period([(np.sin(2 * np.pi * t / 48) + noise)[:, None]])
+    >>> period, round(acf, 1)
+    (48, 0.9)
+    >>> dominant_period([np.cumsum(noise)[:, None]])[0] is None  # a random walk has no cycle
+    True
+    """
+    longest = max((len(s) for s in series), default=0)
+    top = min(max_period, int(longest / MIN_CYCLES))
+    if top < min_period + 1:
+        return None, float("nan")
+    acf = _autocorrelation(series, top + 1)
+    lags = np.arange(min_period, top + 1)
+    peak = (acf[lags] >= acf[lags - 1]) & (acf[lags] >= acf[lags + 1])
+    lowest = np.minimum.accumulate(np.nan_to_num(acf, nan=1.0))
+    ok = peak & (acf[lags] >= MIN_AUTOCORRELATION) & (acf[lags] - lowest[lags - 1] >= MIN_DIP)
+    if not ok.any():
+        return None, float(np.nanmax(acf[lags])) if np.isfinite(acf[lags]).any() else float("nan")
+    peaks = lags[ok]
+    best = peaks[np.flatnonzero(acf[peaks] >= acf[peaks].max() - SAME_CYCLE)[0]]
+    return int(best), float(acf[best])
+
+
+def _autocorrelation(series: Sequence[np.ndarray], max_lag: int) -> np.ndarray:
+    """Pearson autocorrelation ``[max_lag + 1]`` at lags 0..max_lag, pairs pooled over series, mean over features."""
+    n_f = series[0].shape[1]
+    sums = np.zeros((6, max_lag + 1, n_f))  # pairs, Σa, Σb, Σa², Σb², Σab with a = x[t], b = x[t + L]
+    for values in series:
+        x = np.asarray(values, dtype=np.float64)
+        n = len(x)
+        lags = np.arange(min(max_lag, n - 1) + 1)
+        size = 1 << int(2 * n - 1).bit_length()
+        spectrum = np.fft.rfft(x, size, axis=0)
+        cross = np.fft.irfft(spectrum * np.conj(spectrum), size, axis=0)[lags]  # Σ x[t] x[t + L]
+        c1, c2 = np.cumsum(np.r_[np.zeros((1, n_f)), x], axis=0), np.cumsum(np.r_[np.zeros((1, n_f)), x * x], axis=0)
+        k = n - lags
+        sums[:, lags] += np.stack([np.broadcast_to(k[:, None], (len(lags), n_f)), c1[k], c1[n] - c1[lags],
+                                   c2[k], c2[n] - c2[lags], cross])
+    pairs, sa, sb, saa, sbb, sab = sums
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cov = sab / pairs - sa * sb / pairs ** 2
+        var = (saa / pairs - (sa / pairs) ** 2) * (sbb / pairs - (sb / pairs) ** 2)
+        r = np.where(var > 1e-12, cov / np.sqrt(np.maximum(var, 1e-300)), np.nan)
+    out = np.full(max_lag + 1, np.nan)
+    has = np.isfinite(r).any(axis=1)
+    out[has] = np.nanmean(r[has], axis=1)
+    return out
+
+
+def _calibrate_seasonal(times: list[np.ndarray], scaled: list[np.ndarray], interval_ms: int,
+                        alpha: float) -> tuple[int | None, NormalErrorModel | None, dict[str, Any]]:
+    """Detect the cycle of the training rows and fit the normal-error model of their seasonal residuals.
+
+    The residuals are what the detector computes (:func:`anomaly.scoring.seasonal_residuals` over each
+    device's whole series from an empty profile): every reading after the first period. Returns
+    ``(period, scorer, summary)``, ``(None, None, summary)`` without a clear cycle or with too few residuals.
+    """
+    period, acf = dominant_period(scaled)
+    info: dict[str, Any] = {"period": None, "autocorrelation": round(acf, 4) if math.isfinite(acf) else None}
+    if period is None:
+        logger.info("no seasonal cycle in the training rows (best autocorrelation %.2f)", acf)
+        return None, None, info
+    longest, n_f = max(len(s) for s in scaled), scaled[0].shape[1]
+    values = np.full((len(scaled), longest, n_f), np.nan, dtype=np.float32)
+    phase = np.zeros((len(scaled), longest), dtype=np.int64)
+    valid = np.zeros((len(scaled), longest), dtype=bool)
+    for i, (ts, x) in enumerate(zip(times, scaled, strict=True)):
+        values[i, :len(x)], valid[i, :len(x)] = x, True
+        phase[i, :len(x)] = seasonal_phase(ts, interval_ms, period)
+    profile = np.full((len(scaled), period, n_f), np.nan, dtype=np.float32)
+    residual = seasonal_residuals(profile, np.arange(len(scaled)), phase, values, valid, alpha)
+    known = residual[valid & ~np.isnan(residual).all(axis=2)]
+    try:
+        scorer = NormalErrorModel.fit(known)
+    except TrainingError as exc:
+        logger.info("seasonal cycle of %d readings not used: %s", period, exc)
+        return None, None, info
+    logger.info("seasonal cycle of %d readings (autocorrelation %.2f), %d residuals", period, acf, scorer.n_fit)
+    return period, scorer, info | {"period": period, "residuals": scorer.n_fit}

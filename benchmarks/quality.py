@@ -51,6 +51,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "novelty: error records only": {"novelty": {"value_range": False}},
     "novelty: no refractory period": {"novelty": {"refractory": 0}},
     "novelty: records never decay": {"novelty": {"half_life": float("inf")}},
+    "no seasonal error channel": {"seasonal": False},
+    "seasonal: reference = the previous cycle exactly (profile weight 1)": {"seasonal_alpha": 1.0},
 }
 
 

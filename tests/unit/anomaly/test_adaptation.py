@@ -150,12 +150,57 @@ def test_config_rejects_bad_settings_naming_them(bad: dict[str, object]) -> None
         NoveltyConfig(**bad)  # type: ignore[arg-type]
 
 
-def test_records_flatten_for_snapshots_and_back():
-    rec = NoveltyRecords.empty(3, n_alphas=2, n_features=2)
-    rec.ema[:] = [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]
-    rec.val_hi[1], rec.seen[2], rec.since_alert[0] = [1.0, 2.0], 5, 7
+@pytest.mark.parametrize("channels", [1, 2])
+def test_records_flatten_for_snapshots_and_back(channels: int):
+    rec = NoveltyRecords.empty(3, n_alphas=2, n_features=2, n_channels=channels)
+    rec.ema[:] = np.arange(6 * channels).reshape(3, -1) / 10
+    rec.val_hi[1], rec.seen[2], rec.since_alert[0], rec.entry_level[1] = [1.0, 2.0], 5, 7, 0.25
     floats, ints = rec.to_arrays()
-    back = NoveltyRecords.from_arrays(floats, ints, n_alphas=2)
+    back = NoveltyRecords.from_arrays(floats, ints, n_alphas=2, n_channels=channels)
     for name in ("ema", "err_record", "val_hi", "val_lo", "entry_level", "seen", "since_alert"):
         np.testing.assert_array_equal(getattr(back, name), getattr(rec, name))
+    assert (back.n_alphas, back.n_channels) == (2, channels)
     assert rec.nbytes() == 3 * rec.nbytes_per_slot
+
+
+def _two_channels(config: NoveltyConfig, first: np.ndarray, second: np.ndarray):
+    rec = NoveltyRecords.empty(1, len(config.alphas), 1, n_channels=2)
+    t = len(first)
+    out = novelty_step(config, rec, np.zeros(1, bool), np.zeros(1), np.stack([first, second], axis=1)[None],
+                       np.zeros((1, t, 1)), np.ones((1, t), bool))
+    return rec, out
+
+
+def test_a_second_error_channel_has_records_and_a_learning_period_of_its_own() -> None:
+    cfg = NoveltyConfig(learn_readings=20, refractory=0, value_range=False)
+    rng = np.random.default_rng(0)
+    first = rng.exponential(0.43, 200)
+    second = np.r_[np.full(60, np.nan), 2.0 + rng.exponential(0.1, 100), np.full(40, 2.0)]  # no reference at first
+    second[180:] = 8.0  # its own level is ~2: 8 is novel for it, though the first channel never saw less
+    rec, out = _two_channels(cfg, first, second)
+    assert rec.seen[0].tolist() == [200, 140]  # NaN readings were ignored, not counted as 0
+    assert not out.alerts[0, 60:80].any()  # the second channel's learning period, after its first reading
+    assert out.alerts[0, 180] and out.anomalous[0, 180]  # a beaten record of either channel opens an episode
+    # one shared record would have been set by the noisier channel: here channel 0's stays low
+    assert rec.err_record[0, 0] < 4.0 and rec.err_record[0, 2] >= 8.0 * 0.3
+
+
+def test_an_episode_lasts_until_every_channel_is_back_within_its_record() -> None:
+    cfg = NoveltyConfig(learn_readings=10, refractory=0, value_range=False, cooldown=2)
+    calm = np.full(200, 0.43)
+    first, second = calm.copy(), calm.copy()
+    first[30:35] = 6.0  # an error burst on channel 0 opens the episode ...
+    second[30:50] = 6.0  # ... and channel 1 stays high longer
+    _, out = _two_channels(cfg, first, second)
+    both = out.anomalous[0]
+    _, alone = _two_channels(cfg, first, calm)
+    assert both[30] and alone.anomalous[0, 30]
+    assert np.flatnonzero(both).max() > np.flatnonzero(alone.anomalous[0]).max() >= 34
+    assert not both[-1]
+
+
+def test_surprise_must_match_the_records_channels() -> None:
+    rec = NoveltyRecords.empty(1, n_alphas=2, n_features=1, n_channels=2)
+    with pytest.raises(ValueError, match="2 channel"):
+        novelty_step(NoveltyConfig(), rec, np.zeros(1, bool), np.zeros(1), np.zeros((1, 3)), np.zeros((1, 3, 1)),
+                     np.ones((1, 3), bool))

@@ -341,3 +341,41 @@ def test_a_bundle_without_novelty_settings_loads_with_the_threshold_rule(saved):
             del meta["detector"][key]
     edit_metadata(saved, drop)
     assert ModelBundle.load(saved).config.episode_rule == "threshold"
+
+
+@pytest.mark.parametrize(("setting", "value"), [
+    ("seasonal_period", 1), ("seasonal_period", 10**6), ("seasonal_period", 24.0), ("seasonal_alpha", 0.0),
+    ("seasonal_alpha", 1.5)])
+def test_seasonal_settings_are_validated_by_name(setting, value):
+    with pytest.raises(ValueError, match=f"detector setting {setting}="):
+        DetectorConfig(**{setting: value})
+
+
+def seasonal(bundle: ModelBundle) -> ModelBundle:
+    scorer = NormalErrorModel.fit(np.random.default_rng(4).normal(scale=[0.2, 0.3, 0.4], size=(500, 3)))
+    return replace(bundle, seasonal_scorer=scorer).with_config(episode_rule="novelty", seasonal_period=6)
+
+
+def test_seasonal_scorer_round_trips_and_scores_the_same(bundle, tmp_path):
+    with_season = seasonal(bundle)
+    loaded = ModelBundle.load(with_season.save(tmp_path / "seasonal"))
+    assert loaded.config == with_season.config and loaded.config.seasonal_period == 6
+    assert loaded.seasonal_scorer is not None
+    np.testing.assert_array_equal(loaded.seasonal_scorer.precision, with_season.seasonal_scorer.precision)
+    a, b = StreamingDetector(with_season).process(readings()), StreamingDetector(loaded).process(readings())
+    np.testing.assert_array_equal(a.novelty, b.novelty)
+    assert ModelBundle.load(bundle.save(tmp_path / "plain")).seasonal_scorer is None
+
+
+def test_a_seasonal_period_needs_a_seasonal_scorer_of_the_bundles_features(bundle, tmp_path):
+    with pytest.raises(BundleError, match="seasonal_period=6 needs a seasonal_scorer"):
+        bundle.with_config(seasonal_period=6)
+    with pytest.raises(BundleError, match="seasonal_scorer expects 2 features"):
+        replace(bundle, seasonal_scorer=NormalErrorModel.fit(np.random.default_rng(0).normal(size=(100, 2))))
+    saved = seasonal(bundle).save(tmp_path / "seasonal")
+    edit_metadata(saved, lambda m: m.update(seasonal_scorer=None))
+    with pytest.raises(BundleError, match="needs a seasonal_scorer"):
+        ModelBundle.load(saved)
+    edit_metadata(saved, lambda m: m.update(seasonal_scorer={"centre": [0.0]}))
+    with pytest.raises(BundleError, match="invalid seasonal_scorer"):
+        ModelBundle.load(saved)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -53,6 +55,14 @@ def reference_scores(bundle, devices):
 NOVELTY = {"episode_rule": "novelty", "novelty_learn_readings": 5, "novelty_refractory": 3,
            "novelty_half_life": 50.0}
 """Novelty settings that make a 40-reading device alert, open and close episodes, and decay records."""
+SEASONAL = NOVELTY | {"seasonal_period": 7}
+"""...with a seasonal error channel that has a reference from a device's 8th reading on."""
+
+
+def seasonal_bundle(**config) -> ModelBundle:
+    """:func:`stateful_bundle` with the novelty rule and a seasonal channel of period 7."""
+    scorer = NormalErrorModel.fit(np.random.default_rng(2).normal(scale=0.4, size=(2000, 3)))
+    return replace(stateful_bundle(), seasonal_scorer=scorer).with_config(**(SEASONAL | config))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -65,6 +75,12 @@ def test_any_split_into_messages_and_batches_scores_like_one_pass(data, n_device
 @given(data=st.data(), n_devices=st.integers(1, 4))
 def test_novelty_rule_any_split_into_messages_and_batches_scores_like_one_pass(data, n_devices):
     check_any_split(data, n_devices, stateful_bundle(**NOVELTY))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), n_devices=st.integers(1, 4))
+def test_seasonal_channel_any_split_into_messages_and_batches_scores_like_one_pass(data, n_devices):
+    check_any_split(data, n_devices, seasonal_bundle())
 
 
 def check_any_split(data, n_devices, bundle):
@@ -258,8 +274,9 @@ def test_novelty_rule_alerts_opens_and_closes_episodes_with_scores_in_range():
     assert det.store.novelty is not None
 
 
-def test_novelty_rule_snapshot_restore_continues_like_an_uninterrupted_detector():
-    bundle = stateful_bundle(**NOVELTY)
+@pytest.mark.parametrize("seasonal", [False, True])
+def test_novelty_rule_snapshot_restore_continues_like_an_uninterrupted_detector(seasonal):
+    bundle = seasonal_bundle() if seasonal else stateful_bundle(**NOVELTY)
     batch = fleet(length=80)
     first, second = np.arange(len(batch)) < 120, np.arange(len(batch)) >= 120
     whole = StreamingDetector(bundle)
@@ -289,15 +306,15 @@ def test_novelty_records_and_episode_survive_a_gap_reset_but_not_removal():
     values[20:] += 40.0  # a shift that opens a novelty episode and is still going on at the gap
     first = det.process(ReadingBatch.from_arrays(["a"] * 30, ts, values))
     slot = det.store.slot_of("a")
-    seen = int(det.store.novelty.seen[slot])
+    seen = int(det.store.novelty.seen[slot, 0])
     assert seen == 30 - 3  # every scored reading after the warm-up
     assert first.anomalous[-1] and det.store.in_episode[slot]
     later = ts[-1] + 60_000 + np.arange(5, dtype=np.int64) * 1000  # a gap longer than gap_factor intervals
     res = det.process(ReadingBatch.from_arrays(["a"] * 5, later, device_series(1, 5) + 40.0))
-    assert res.gap_resets == 1 and int(det.store.novelty.seen[slot]) == seen + 2  # 3 warm-up readings again
+    assert res.gap_resets == 1 and int(det.store.novelty.seen[slot, 0]) == seen + 2  # 3 warm-up readings again
     assert res.anomalous[:3].all() and not [e for e in res.events if e.ts_ms == later[0]]  # no end at the gap
     det.store.remove(["a"])
-    assert int(det.store.novelty.seen[slot]) == 0 and np.isnan(det.store.novelty.val_hi[slot]).all()
+    assert int(det.store.novelty.seen[slot, 0]) == 0 and np.isnan(det.store.novelty.val_hi[slot]).all()
 
 
 def test_threshold_rule_alerts_are_episode_starts_and_it_keeps_no_novelty_records():
@@ -306,3 +323,53 @@ def test_threshold_rule_alerts_are_episode_starts_and_it_keeps_no_novelty_record
     starts = sorted(e.row for e in res.events if e.kind == "start")
     assert starts and np.flatnonzero(res.alerts).tolist() == starts
     assert np.isnan(res.novelty).all() and det.store.novelty is None
+
+
+def test_seasonal_profile_survives_a_gap_reset_but_not_removal():
+    det = StreamingDetector(seasonal_bundle())
+    ts = 1_000_000 + np.arange(20, dtype=np.int64) * 1000
+    det.process(ReadingBatch.from_arrays(["a"] * 20, ts, device_series(0, 20)))
+    slot = det.store.slot_of("a")
+    profile = det.store.season[slot].copy()
+    assert det.store.season.shape[1:] == (7, 3) and not np.isnan(profile).any()
+    later = ts[-1] + 60_000 + np.arange(3, dtype=np.int64) * 1000  # a gap: the network restarts, warm-up again
+    res = det.process(ReadingBatch.from_arrays(["a"] * 3, later, device_series(1, 3)))
+    assert res.gap_resets == 1
+    assert int(det.store.novelty.seen[slot, 1]) == 20 - 7  # no seasonal surprise in warm-up, the rest kept
+    assert np.isfinite(det.store.season[slot]).all() and not np.array_equal(det.store.season[slot], profile)
+    det.store.remove(["a"])
+    assert np.isnan(det.store.season[slot]).all() and (det.store.novelty.seen[slot] == 0).all()
+
+
+def test_seasonal_channel_changes_the_novelty_scores_and_only_the_novelty_rule_keeps_a_profile():
+    batch = fleet()
+    plain = StreamingDetector(stateful_bundle(**NOVELTY)).process(batch)
+    det = StreamingDetector(seasonal_bundle())
+    seasonal = det.process(batch)
+    assert det.store.season is not None and det.store.novelty.n_channels == 2
+    assert not np.allclose(np.nan_to_num(plain.novelty), np.nan_to_num(seasonal.novelty))
+    np.testing.assert_array_equal(plain.raw_scores, seasonal.raw_scores)  # the forecaster's own scores unchanged
+    threshold_rule = StreamingDetector(seasonal_bundle(episode_rule="threshold"))
+    threshold_rule.process(batch)
+    assert threshold_rule.store.season is None and threshold_rule.store.novelty is None
+
+
+def test_seasonal_channel_sees_a_cycle_that_skips_its_jump_where_the_forecaster_does_not():
+    """A square wave whose 10th cycle stays low: one step at a time every reading of it is predictable
+    and inside the value range; against the previous cycle it is 3 units off for half a cycle."""
+    period, rng = 24, np.random.default_rng(0)
+    t = np.arange(period * 12)
+    values = np.where(t % period >= period // 2, 3.0, 0.0) + rng.normal(0, 0.05, len(t))
+    skipped = (t // period == 10) & (t % period >= period // 2)
+    values[skipped] -= 3.0
+    base = ModelBundle.untrained(["x"], hidden_size=4, scorer=NormalErrorModel.fit(rng.normal(0, 0.05, (2000, 1))))
+    base = base.with_config(episode_rule="novelty", warmup_steps=2, novelty_learn_readings=period,
+                            novelty_refractory=0)
+    noise = rng.normal(0, 0.05, (2000, 1)) * np.sqrt(4 / 3)  # a reading minus a 0.5-weighted profile
+    with_season = replace(base, seasonal_scorer=NormalErrorModel.fit(noise)).with_config(seasonal_period=period)
+    batch = ReadingBatch.from_arrays(["d"] * len(t), t * 1000, values[:, None])
+    without = StreamingDetector(base).process(batch)
+    seen = StreamingDetector(with_season).process(batch)
+    assert not without.alerts[skipped].any()
+    assert seen.alerts[skipped].any() and seen.anomalous[skipped].any()
+    assert np.flatnonzero(seen.alerts & skipped)[0] <= np.flatnonzero(skipped)[0] + 2  # at the jump that did not come

@@ -89,6 +89,7 @@ def test_nab_run_streams_every_file_writes_results_and_plots_and_scores_them(nab
     summary = json.loads((out / "summary.json").read_text())
     assert summary["profiles"]["standard"]["fixed"] == pytest.approx(standard.normalized)
     assert summary["settings"]["hidden_size"] == 8
+    assert summary["settings"]["seasonal"] is True and summary["settings"]["seasonal_alpha"] == 0.5
     text = format_nab(nab)
     assert "standard" in text and "fixed" in text
 
@@ -178,3 +179,9 @@ def test_evaluate_command_rejects_an_unknown_detector() -> None:
     with pytest.raises(SystemExit) as exc:
         _parser().parse_args(["evaluate", "nab", "--data", "x", "--out", "y", "--detector", "magic"])
     assert exc.value.code == 2
+
+
+def test_seasonal_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="seasonal_alpha"):
+        EvalSettings(seasonal_alpha=0.0)
+    assert EvalSettings(seasonal=False).detector_config().seasonal_alpha == 0.5

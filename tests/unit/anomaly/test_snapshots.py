@@ -20,9 +20,9 @@ FIELDS = ("last_ts", "steps", "smoothed", "in_episode", "run_length", "episode_s
 NOVELTY = ("ema", "err_record", "val_hi", "val_lo", "entry_level", "seen", "since_alert")
 
 
-def make_store(novelty: int = 0, **kw) -> DeviceStateStore:
+def make_store(novelty: int = 0, seasonal: int = 0, **kw) -> DeviceStateStore:
     args = {"num_layers": 2, "hidden_size": 3, "n_features": 2, "model_version": "v1", **kw}
-    return DeviceStateStore(**args, novelty_alphas=novelty)
+    return DeviceStateStore(**args, novelty_alphas=novelty, seasonal_period=seasonal)
 
 
 def fill(store: DeviceStateStore, devices: list[str], seed: int) -> None:
@@ -43,9 +43,15 @@ def fill(store: DeviceStateStore, devices: list[str], seed: int) -> None:
     store.repeat_run[slots] = rng.integers(0, 30000, (n, store.n_features))
     if store.novelty is not None:
         rec = store.novelty
-        rec.ema[slots], rec.err_record[slots] = rng.random((n, rec.n_alphas)), rng.random((n, rec.n_alphas))
+        cols, k = rec.ema.shape[1], rec.n_channels
+        rec.ema[slots], rec.err_record[slots] = rng.random((n, cols)), rng.random((n, cols))
         rec.val_hi[slots], rec.val_lo[slots] = rng.random((n, store.n_features)), -rng.random((n, store.n_features))
-        rec.entry_level[slots], rec.seen[slots], rec.since_alert[slots] = rng.random(n), rng.integers(0, 99, n), 5
+        rec.entry_level[slots], rec.seen[slots] = rng.random((n, k)), rng.integers(0, 99, (n, k))
+        rec.since_alert[slots] = 5
+    if store.season is not None:
+        season = rng.standard_normal((n, *store.season.shape[1:])).astype(np.float32)
+        season[rng.random(season.shape) < 0.2] = np.nan  # phases not seen yet
+        store.season[slots] = season
 
 
 def assert_same_state(a: DeviceStateStore, b: DeviceStateStore, devices: list[str]) -> None:
@@ -57,19 +63,22 @@ def assert_same_state(a: DeviceStateStore, b: DeviceStateStore, devices: list[st
     if a.novelty is not None and b.novelty is not None:
         for name in NOVELTY:
             np.testing.assert_array_equal(getattr(a.novelty, name)[sa], getattr(b.novelty, name)[sb], err_msg=name)
+    if a.season is not None and b.season is not None:
+        np.testing.assert_array_equal(a.season[sa], b.season[sb], err_msg="season")
 
 
 @settings(max_examples=60, deadline=None)
 @given(devices=st.lists(st.text(min_size=1, max_size=20), min_size=0, max_size=12, unique=True),
-       seed=st.integers(0, 2**31), novelty=st.sampled_from([0, 2]))
-def test_any_devices_round_trip_bit_exact(devices, seed, novelty):
-    store = make_store(novelty)
+       seed=st.integers(0, 2**31), kind=st.sampled_from([(0, 0), (2, 0), (2, 5), (1, 2)]))
+def test_any_devices_round_trip_bit_exact(devices, seed, kind):
+    novelty, seasonal = kind
+    store = make_store(novelty, seasonal)
     if devices:
         fill(store, devices, seed)
     blob = encode_states(store, devices)
     batch = decode_states(blob)
     assert batch.device_ids == devices and batch.model_version == "v1"
-    other = make_store(novelty, capacity=1)
+    other = make_store(novelty, seasonal, capacity=1)
     fill(other, ["stranger"], seed + 1)  # an unrelated device stays as it was
     load_states(other, batch)
     assert sorted(other.devices()) == sorted([*devices, "stranger"])
@@ -93,6 +102,8 @@ def test_corruption_truncation_and_versions_are_named():
         decode_states(bytes(flipped))
     with pytest.raises(StateFormatError, match="format version 9"):
         decode_states(blob[:4] + b"\x09" + blob[5:])
+    with pytest.raises(StateFormatError, match="format version 1 "):  # before the seasonal profile: never persisted
+        decode_states(blob[:4] + b"\x01" + blob[5:])
     body = blob[:-4 - 8]  # drop the last array's tail, re-checksum: a truncated but "valid" blob
     with pytest.raises(StateFormatError, match="length"):
         decode_states(body + struct.pack("<I", zlib.crc32(body)))
@@ -142,3 +153,29 @@ def test_groups_encode_exactly_like_one_blob_per_group():
     fill(store, [f"d{i}" for i in range(7)], 4)
     groups = [["d3", "d0"], [], ["d6"], ["d1", "d2", "d4", "d5"]]
     assert encode_groups(store, groups) == [encode_states(store, g) for g in groups]
+
+
+def test_seasonal_profile_of_another_period_starts_empty_and_a_store_without_one_ignores_it():
+    seasonal = make_store(novelty=2, seasonal=4)
+    fill(seasonal, ["a"], 0)
+    blob = encode_states(seasonal, ["a"])
+    assert decode_states(blob).season.shape == (1, 4, 2)
+    without = make_store(novelty=2)
+    load_states(without, decode_states(blob))
+    assert without.season is None
+    assert np.isnan(without.novelty.val_hi[without.slot_of("a")]).all()  # records of two channels, not one
+    other = make_store(novelty=2, seasonal=6)
+    fill(other, ["a"], 1)
+    load_states(other, decode_states(blob))
+    assert np.isnan(other.season[other.slot_of("a")]).all()
+    np.testing.assert_array_equal(other.novelty.ema[other.slot_of("a")], seasonal.novelty.ema[0])
+
+
+def test_header_with_time_scales_but_no_error_channels_is_refused():
+    store = make_store(novelty=2)
+    fill(store, ["a"], 0)
+    blob = bytearray(encode_states(store, ["a"]))
+    blob[14] = 0  # K: after magic(4) format(1) L(2) H(4) F(2) A(1)
+    body = bytes(blob[:-4])
+    with pytest.raises(StateFormatError, match="error channels"):
+        decode_states(body + struct.pack("<I", zlib.crc32(body)))

@@ -181,3 +181,18 @@ def test_novelty_records_cost_120_bytes_per_device_for_two_time_scales_and_four_
     plain = DeviceStateStore(num_layers=1, hidden_size=64, n_features=4, capacity=1000)
     store = DeviceStateStore(num_layers=1, hidden_size=64, n_features=4, capacity=1000, novelty_alphas=2)
     assert (store.nbytes() - plain.nbytes()) / store.capacity == 16 * 2 + 16 * 4 + 24 == 120
+
+
+def test_seasonal_profile_is_allocated_only_with_a_period_and_survives_growth():
+    plain = novelty_store()
+    store = make_store(novelty_alphas=2, seasonal_period=5, capacity=2)
+    assert plain.season is None and store.season.shape == (2, 5, store.n_features)
+    # per slot: the [P, F] float32 profile, and the second channel's records (2 averages, 2 records, entry, count)
+    assert store.nbytes() - plain.nbytes() == 2 * (4 * 5 * store.n_features + 16 * 2 + 16)
+    store.slots_for(np.array(["a"], dtype=object))
+    store.season[store.slot_of("a")] = 1.5
+    store.slots_for(np.array([f"x{i}" for i in range(5)], dtype=object))  # grows
+    assert store.capacity >= 6 and (store.season[store.slot_of("a")] == 1.5).all()
+    assert np.isnan(store.season[store.slot_of("x4")]).all()
+    with pytest.raises(ValueError, match="seasonal_period"):
+        make_store(seasonal_period=5)  # the profile feeds the novelty records' second channel

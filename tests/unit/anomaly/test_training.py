@@ -12,7 +12,7 @@ from anomaly.detector import StreamingDetector
 from anomaly.errors import DataError, TrainingError
 from anomaly.events import ReadingStatus
 from anomaly.readings import ReadingBatch
-from anomaly.training import TrainingConfig, fit, prepare_series
+from anomaly.training import TrainingConfig, dominant_period, fit, prepare_series
 
 FAST = {"epochs": 2, "hidden_size": 8, "progress": False}
 
@@ -245,3 +245,52 @@ def test_the_optimizer_steps_exactly_like_torch_adam():
             opt.step()
     for key, tensor in ours.state_dict().items():
         assert torch.equal(tensor, theirs.state_dict()[key]), key
+
+
+# ------------------------------------------------------------------------------------------------------ seasonal
+
+
+def cycles(period: int = 40, steps: int = 300, devices: int = 2, seed: int = 0) -> pd.DataFrame:
+    """Devices repeating a skewed cycle of ``period`` readings (a sine and its harmonic) with noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(steps)
+    shape = np.sin(2 * np.pi * t / period) + 0.5 * np.sin(4 * np.pi * t / period)
+    return pd.concat([pd.DataFrame({"device": f"dev-{d}", "ts": 1_700_000_000_000 + t * 60_000,
+                                    "x": 3 * d + shape + rng.normal(0, 0.1, steps)}) for d in range(devices)],
+                     ignore_index=True)
+
+
+def test_seasonal_training_finds_the_cycle_and_calibrates_its_residuals():
+    bundle = fit(cycles(), ["x"], time_col="ts", device_col="device", seasonal=True, **FAST)
+    assert bundle.config.seasonal_period == 40 and bundle.seasonal_scorer is not None
+    assert bundle.training["seasonal"]["period"] == 40 and bundle.training["seasonal"]["autocorrelation"] > 0.9
+    # every reading after each device's first cycle: 2 * (300 - 40)
+    assert bundle.seasonal_scorer.n_fit == bundle.training["seasonal"]["residuals"] == 2 * 260
+    # the residual of a reading and a 0.5-weighted profile of its noisy past cycles: about sqrt(4/3) noise sds
+    assert 0.1 < float(np.sqrt(bundle.seasonal_scorer.reference_var[0])) * bundle.scaler.scale[0] < 0.2
+    det = StreamingDetector(bundle.with_config(episode_rule="novelty"))
+    assert det.store.season is not None and det.store.season.shape[1:] == (40, 1)
+
+
+def test_seasonal_training_without_a_cycle_leaves_the_channel_off():
+    rng = np.random.default_rng(1)
+    walk = pd.DataFrame({"ts": np.arange(400) * 1000, "x": np.cumsum(rng.normal(size=400))})
+    bundle = fit(walk, ["x"], time_col="ts", seasonal=True, **FAST)
+    assert bundle.config.seasonal_period is None and bundle.seasonal_scorer is None
+    assert bundle.training["seasonal"]["period"] is None
+    assert fit(cycles(), ["x"], time_col="ts", device_col="device", **FAST).config.seasonal_period is None
+
+
+@pytest.mark.parametrize(("period", "steps", "expected"), [(40, 300, 40), (40, 59, None), (40, 61, 40), (5, 300, 10)])
+def test_dominant_period_needs_one_and_a_half_cycles_and_takes_a_short_one_at_a_multiple(period, steps, expected):
+    x = cycles(period=period, steps=steps, devices=1)["x"].to_numpy()[:, None]
+    assert dominant_period([x])[0] == expected
+
+
+def test_dominant_period_prefers_a_longer_cycle_only_when_it_is_clearly_stronger():
+    t = np.arange(2000)
+    rng = np.random.default_rng(2)
+    daily = np.sin(2 * np.pi * t / 24)
+    weekend = np.where((t // 24) % 7 >= 5, -1.5, 0.0)  # every 7th and 8th "day" lower: a weekly cycle on top
+    assert dominant_period([(daily + rng.normal(0, 0.3, 2000))[:, None]])[0] == 24
+    assert dominant_period([(daily + weekend + rng.normal(0, 0.3, 2000))[:, None]])[0] == 168
