@@ -107,9 +107,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                    "val_fraction": args.val_fraction, "seed": args.seed}.items() if v is not None}
     from anomaly.bundle import DetectorConfig
 
-    detector = DetectorConfig(false_alarm_rate=args.false_alarm_rate, warmup_steps=args.warmup_steps)
+    if args.seasonal and args.episode_rule != "novelty":
+        raise UsageError("--seasonal needs --episode-rule novelty (the seasonal error channel feeds its records)")
+    detector = DetectorConfig(false_alarm_rate=args.false_alarm_rate, warmup_steps=args.warmup_steps,
+                              episode_rule=args.episode_rule)
     bundle = fit(frame, features, time_col=args.time_col, device_col=args.device_col, detector=detector,
-                 name=args.name, version=args.version, progress=not args.quiet, **overrides)
+                 name=args.name, version=args.version, progress=not args.quiet, seasonal=args.seasonal, **overrides)
     bundle.training.update({"time_col": args.time_col, "device_col": args.device_col, "source": str(args.data)})
     bundle.save(args.out)
     print(f"trained {bundle.name} version {bundle.version} on {bundle.training['rows']} rows "
@@ -165,6 +168,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     train.add_argument("--warmup-steps", type=_positive_int, default=10,
                        help="readings of a new device that are not scored (default: 10)")
     train.add_argument("--seed", type=int, help="random seed (default: 0)")
+    train.add_argument("--episode-rule", choices=("threshold", "novelty"), default="threshold",
+                       help="threshold (default): calibrated score with hysteresis; novelty: an alert when a "
+                            "device beats its own record of surprise or value range by 5 %% (what the NAB and "
+                            "SKAB results use)")
+    train.add_argument("--seasonal", action="store_true",
+                       help="with --episode-rule novelty: if the training rows have a clear cycle (daily, "
+                            "weekly...), add the seasonal error channel (each reading against the device's "
+                            "profile of past cycles; P x F x 4 bytes more state per device)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
 

@@ -125,6 +125,19 @@ def test_the_cli_scores_what_the_library_scores(pipelines, files):
     np.testing.assert_array_equal(cli_scores["is_anomaly"], library["is_anomaly"])
 
 
+def test_train_can_make_the_bundle_the_benchmark_results_use(files, tmp_path, capsys):
+    out = tmp_path / "novelty"
+    assert main(["train", "--data", str(files["ok.csv"]), "--out", str(out), *TRAIN_FLAGS,
+                 "--episode-rule", "novelty", "--seasonal"]) == 0
+    config = ModelBundle.load(out).config
+    assert config.episode_rule == "novelty"
+    period = config.seasonal_period  # x = sin(t / 10) repeats every 63 readings, y = cos(t / 7) every 44
+    assert period is not None and min(abs(period - 63), abs(period - 44)) <= 2, period
+    assert main(["train", "--data", str(files["ok.csv"]), "--out", str(tmp_path / "x"), *TRAIN_FLAGS,
+                 "--seasonal"]) == 2
+    assert "--seasonal needs --episode-rule novelty" in capsys.readouterr().err
+
+
 def test_csv_and_parquet_train_the_same_model(pipelines):
     a, b = (ModelBundle.load(pipelines[k]["model"]) for k in ("csv", "parquet"))
     for key, tensor in a.model.state_dict().items():
