@@ -467,12 +467,13 @@ class StreamProcessor:
             for message in self.shadow.process(decoded, result):
                 futures.append(send(cfg.shadow_topic, key=message.key, value=message.value,
                                     partition=message.partition % self._n_partitions))
-        for record in records:
-            nxt = record.offset + 1
-            if nxt > self._offsets.get(record.partition, -1):
-                self._offsets[record.partition] = nxt
-            if nxt > self._position.get(record.partition, -1):
-                self._position[record.partition] = nxt
+        # a poll returns each partition's records in offset order: the last one seen is the highest
+        for p, offset in {record.partition: record.offset for record in records}.items():
+            nxt = offset + 1
+            if nxt > self._offsets.get(p, -1):
+                self._offsets[p] = nxt
+            if nxt > self._position.get(p, -1):
+                self._position[p] = nxt
         self._track_devices(decoded, result)
         self._observe(decoded, result, time.perf_counter() - started)
         return result
