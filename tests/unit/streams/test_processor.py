@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import time
 from collections import namedtuple
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from kafka import TopicPartition
 from kafka.errors import CommitFailedError, KafkaError, KafkaTimeoutError, ProducerFencedError
 
 from anomaly.bundle import ModelBundle
+from anomaly.scoring import NormalErrorModel
 from anomaly.snapshots import decode_states
 from streams.changelog import (
     MARKER_KEY,
@@ -524,3 +527,25 @@ def test_a_transaction_step_that_never_completes_is_given_up_after_the_commit_ti
     assert proc.commit() is False
     assert time.monotonic() - started < 5.0
     assert not proc._producer_ok and proc._to_restore == {0}  # re-initialised next step: the broker aborts it
+
+
+def test_a_seasonal_bundles_profiles_travel_through_the_changelog(bundle):
+    scorer = NormalErrorModel.fit(np.random.default_rng(2).normal(scale=0.4, size=(500, len(FEATURES))))
+    seasonal = replace(bundle, seasonal_scorer=scorer).with_config(episode_rule="novelty", seasonal_period=5)
+    first = make(seasonal)[0]
+    first.step()
+    first.consumer.polls.append({TopicPartition(TOPIC, p): [reading(p, t, d, t, value=float(t % 5))
+                                                            for t in range(12)]
+                                 for p, d in ((0, "a"), (1, "b"))})
+    first.step()
+    assert first.commit()
+    second = make(seasonal)[0]
+    second.producer.sent = first.producer.sent  # the same "broker"
+    second.step()  # restores both partitions from the changelog
+    one, two = first.detector.store, second.detector.store
+    assert one.season is not None and two.season is not None and sorted(two.devices()) == ["a", "b"]
+    for device in ("a", "b"):
+        profile = one.season[one.slot_of(device)]
+        assert np.isfinite(profile).any(), "the profile learned something"
+        np.testing.assert_array_equal(two.season[two.slot_of(device)], profile)
+        assert two.steps[two.slot_of(device)] == one.steps[one.slot_of(device)]
