@@ -156,15 +156,6 @@ class SendFailedError(KafkaError):
     """A record of the current commit window could not be produced (the window is redone)."""
 
 
-def _check_sends(futures: Sequence[Any], what: str) -> None:
-    """Raise :class:`SendFailedError` unless every send in ``futures`` is done and succeeded."""
-    failed = [f for f in futures if not f.is_done or f.failed()]
-    if failed:
-        first = failed[0]
-        raise SendFailedError(f"{len(failed)} of {len(futures)} sends failed or did not finish, "
-                              f"e.g. {what}: {first.exception if first.is_done else 'not done'}")
-
-
 @dataclass
 class _PendingCommit:
     """An at-least-once commit window between its capture and its offset commit (see ``_advance_pending``)."""
@@ -657,15 +648,22 @@ class StreamProcessor:
     def _capture(self) -> _PendingCommit:
         """Encode this window's changelog records and move its bookkeeping into a pending commit."""
         records, written = self._changelog_records()
-        pending = _PendingCommit(
-            offsets=dict(self._offsets), produced=self._futures, changelog=records, written=written,
-            partitions=set(self._offsets) | set(self._dirty.values()) | {p for p, _ in self._dirty_buckets})
+        pending = _PendingCommit(offsets=dict(self._offsets), produced=self._futures, changelog=records,
+                                 written=written, partitions=self._window_partitions())
+        self._clear_window()
+        return pending
+
+    def _window_partitions(self) -> set[int]:
+        """Input partitions whose work since the last capture is lost if this window fails."""
+        return set(self._offsets) | set(self._dirty.values()) | {p for p, _ in self._dirty_buckets}
+
+    def _clear_window(self) -> None:
+        """Forget the bookkeeping of the window since the last capture (captured, committed or discarded)."""
         self._futures = []
         self._offsets.clear()
         self._dirty.clear()
         self._dirty_buckets.clear()
         self._stale_keys.clear()
-        return pending
 
     def _commit_at_least_once(self, block: bool) -> None:
         """Finish the pending commit (waiting if a new one is due), capture the next, then advance it."""
@@ -690,19 +688,13 @@ class StreamProcessor:
         if pending.sent is None:
             if not block and not all(f.is_done for f in pending.produced):
                 return False
-            if block:
-                self.producer.flush(timeout=max(0.1, self._deadline() - time.monotonic()))
-            _check_sends(pending.produced, "an event, dead letter or score")
-            send, topic = self.producer.send, self.config.changelog_topic
-            pending.sent = [send(topic, key=key, value=value, partition=partition)
-                            for key, value, partition in pending.changelog]
+            self._check(pending.produced, "an event, dead letter or score", flush=block)
+            pending.sent = self._send_changelog(pending.changelog)
             if not block:
                 return False
         if not block and not all(f.is_done for f in pending.sent):
             return False
-        if block:
-            self.producer.flush(timeout=max(0.1, self._deadline() - time.monotonic()))
-        _check_sends(pending.sent, "a changelog record")
+        self._check(pending.sent, "a changelog record", flush=block)
         if pending.offsets:
             self.consumer.commit({TopicPartition(self.config.input_topic, p): _offset(o)
                                   for p, o in pending.offsets.items()},
@@ -717,22 +709,16 @@ class StreamProcessor:
             self.producer.begin_transaction()
             self._in_transaction = True
         records, written = self._changelog_records()
-        send, topic = self.producer.send, self.config.changelog_topic
-        self._futures.extend(send(topic, key=key, value=value, partition=partition)
-                             for key, value, partition in records)
+        self._futures += self._send_changelog(records)
         # kafka-python 3.0 commits a transaction even if one of its batches expired: check every send first
-        self._flush_and_check("a record of the transaction")
+        self._check(self._futures, "a record of the transaction", flush=True)
         if self._offsets:
             self._transactional("send_offsets", {TopicPartition(self.config.input_topic, p): _offset(o)
                                                  for p, o in self._offsets.items()})
         self._transactional("commit")
         self._in_transaction = False
         self._committed_window(dict(self._offsets), written)
-        self._offsets.clear()
-        self._dirty.clear()
-        self._dirty_buckets.clear()
-        self._stale_keys.clear()
-        self._futures.clear()
+        self._clear_window()
 
     @property
     def _commit_timeout_s(self) -> float:
@@ -773,10 +759,22 @@ class StreamProcessor:
             return time.monotonic() + self._commit_timeout_s
         return self._commit_deadline
 
-    def _flush_and_check(self, what: str) -> None:
+    def _check(self, futures: Sequence[Any], what: str, *, flush: bool) -> None:
+        """Raise :class:`SendFailedError` unless every send in ``futures`` succeeded; ``flush`` waits for them first."""
+        if flush:
+            assert self.producer is not None
+            self.producer.flush(timeout=max(0.1, self._deadline() - time.monotonic()))
+        failed = [f for f in futures if not f.is_done or f.failed()]
+        if failed:
+            first = failed[0]
+            raise SendFailedError(f"{len(failed)} of {len(futures)} sends failed or did not finish, "
+                                  f"e.g. {what}: {first.exception if first.is_done else 'not done'}")
+
+    def _send_changelog(self, records: Sequence[tuple[bytes, bytes | None, int]]) -> list[Any]:
+        """Send ``(key, value, partition)`` records to the changelog topic; their futures."""
         assert self.producer is not None
-        self.producer.flush(timeout=max(0.1, self._deadline() - time.monotonic()))
-        _check_sends(self._futures, what)
+        send, topic = self.producer.send, self.config.changelog_topic
+        return [send(topic, key=key, value=value, partition=partition) for key, value, partition in records]
 
     def _changelog_records(self) -> tuple[list[tuple[bytes, bytes | None, int]], int]:
         """``(key, value, partition)`` of this commit's changelog records, and the bytes of state in them.
@@ -845,17 +843,13 @@ class StreamProcessor:
 
     def _discard_uncommitted(self, exc: BaseException | None, why: str) -> None:
         """Forget everything since the last commit; its partitions are restored and re-read from Kafka."""
-        tainted = set(self._offsets) | set(self._dirty.values()) | {p for p, _ in self._dirty_buckets}
+        tainted = self._window_partitions()
         if self._pending is not None:
             tainted |= self._pending.partitions
             self._pending = None
         self.stats.rewinds += 1
         self._abandon_transaction(exc)
-        self._offsets.clear()
-        self._dirty.clear()
-        self._dirty_buckets.clear()
-        self._stale_keys.clear()  # found again by the restore that follows
-        self._futures.clear()
+        self._clear_window()  # stale changelog keys among it are found again by the restore that follows
         redo = tainted & (self._ready | self._kept)
         if exc is not None or redo:
             logger.warning("%s%s; discarding the work since the last commit: partitions %s are restored from "
