@@ -256,6 +256,7 @@ class StreamProcessor:
         self._last_evict = time.monotonic()
         self._max_event_ts = 0
         self._joined = False
+        self._awaiting_assignment = False  # revoked, and the group's next assignment not yet received
         self._failures = 0
         self._n_partitions = 0
         self._stop = threading.Event()
@@ -396,7 +397,7 @@ class StreamProcessor:
         self._fresh = set()
         polled = self.consumer.poll(timeout_ms=self.config.poll_timeout_ms, max_records=self.config.max_poll_records)
         self._apply_rebalance_events()
-        if self._to_restore:
+        if self._to_restore and not self._awaiting_assignment:
             self._restore_pending()
         if self._pending is not None:  # at-least-once: the previous commit's next stage, if its sends are done
             self._advance_pending(block=False)
@@ -893,24 +894,28 @@ class StreamProcessor:
             logger.info("partitions %s: %s", kind, sorted(parts))
             if kind == "revoked":
                 revoked |= parts
+                self._awaiting_assignment = True
             else:
                 self._joined = True
+                self._awaiting_assignment = False
         if got:
             assert self.consumer is not None
             if revoked and self._has_uncommitted():
                 # the group generation moved on: this window can no longer commit
                 self._discard_uncommitted(None, f"partitions {sorted(revoked)} revoked with uncommitted work")
-            current = {tp.partition for tp in self.consumer.assignment() if tp.topic == topic}
-            gone = (self._ready | self._to_restore | self._kept) - current
-            if gone:
-                self._drop_partitions(gone)
-                self._to_restore -= gone
-                self._kept -= gone
-            back = revoked & current & self._ready
+            back = revoked & self._ready  # kept if the next assignment gives them back
             self._ready -= back
             self._kept |= back
-            new = current - self._ready
-            self._to_restore |= new
+            if not self._awaiting_assignment:
+                # only an assignment that came after the last revocation is current: between the two the
+                # consumer still reports the old one, and the group is rejoining
+                current = {tp.partition for tp in self.consumer.assignment() if tp.topic == topic}
+                gone = (self._ready | self._to_restore | self._kept) - current
+                if gone:
+                    self._drop_partitions(gone)
+                    self._to_restore -= gone
+                    self._kept -= gone
+                self._to_restore |= current - self._ready
         self._update_ready()
 
     def _update_ready(self) -> None:

@@ -379,6 +379,25 @@ def test_a_partition_back_after_a_rebalance_keeps_its_state_unless_someone_else_
     assert ("seek", 0, 1) in log and ("seek", 1, 7) in log
 
 
+def test_between_a_revocation_and_the_next_assignment_nothing_is_restored_or_processed(bundle):
+    proc, log = make(bundle)
+    proc.step()
+    proc.consumer.polls.append({TopicPartition(TOPIC, 0): [reading(0, 0, "a", 1)]})
+    proc.step()
+    assert proc.commit()
+    everything = {TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)}
+    proc._events.put(("revoked", everything))  # the group is rejoining; the consumer still reports the old assignment
+    proc.consumer.polls.append({TopicPartition(TOPIC, 0): [reading(0, 1, "a", 2)]})
+    log.clear()
+    proc.step()
+    assert not calls(log, "committed", "restore", "seek"), "no consumer call while the group rejoins"
+    assert proc.stats.records == 1 and proc._ready == set() and not proc.metrics.is_ready()
+    proc._events.put(("assigned", everything))
+    proc.step()
+    assert not calls(log, "restore"), "both came back with nothing committed by others: their state is kept"
+    assert ("seek", 0, 1) in log and proc._ready == {0, 1}
+
+
 def test_revoked_partitions_lose_their_devices(bundle):
     proc, _ = make(bundle)
     proc.step()
