@@ -52,6 +52,7 @@ __all__ = [
     "model_dir",
     "read_output",
     "trickle",
+    "wait_group_settled",
     "wait_until_committed",
 ]
 
@@ -168,10 +169,16 @@ def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
         consumer.close()
 
 
-def committed_offsets(bootstrap: str, topic: str, group: str) -> dict[int, int]:
-    """The group's committed offsets (read_committed: waits for pending transactional commits)."""
+def committed_offsets(bootstrap: str, topic: str, group: str, stable: bool = True) -> dict[int, int]:
+    """The group's committed offsets.
+
+    ``stable`` (read_committed) waits for pending transactional offset commits. Without it, the offsets
+    committed so far are returned at once: right after a SIGKILL the dead instance's open transaction
+    keeps its offsets pending until the broker aborts it (the transaction timeout) or the restarted
+    instance does, so a stable read would wait for the very restart that comes after it.
+    """
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
-                             isolation_level="read_committed")
+                             isolation_level="read_committed" if stable else "read_uncommitted")
     try:
         return {p: consumer.committed(TopicPartition(topic, p), timeout_ms=30_000) or 0 for p in range(PARTITIONS)}
     finally:
@@ -285,6 +292,38 @@ class Instance:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.name} did not log {needle!r} within {timeout_s} s\n{self.output()}")
             time.sleep(0.2)
+
+
+
+def wait_group_settled(instances: list[Instance], quiet_s: float = 4.0, timeout_s: float = 60.0) -> None:
+    """Until every instance has partitions and no rebalance line has appeared in their logs for ``quiet_s``.
+
+    A group of instances that just started can rebalance once more shortly after the first
+    assignment (kafka-python's leader re-checks the subscription's metadata); a run whose readings
+    are checked against "committed before the disruption" must start after that, or the extra
+    rebalance's at-least-once replay looks like a repeat before the disruption.
+    """
+    def rebalance_lines() -> list[str]:
+        return [line for inst in instances for line in inst.log_text().splitlines()
+                if "streams.processor: partitions " in line]
+
+    deadline = time.monotonic() + timeout_s
+    seen, since = rebalance_lines(), time.monotonic()
+    while True:
+        for inst in instances:
+            assert inst.alive(), f"{inst.name} died\n{inst.output()}"
+        now = rebalance_lines()
+        if now != seen:
+            seen, since = now, time.monotonic()
+        last = {inst.name: [line for line in inst.log_text().splitlines()
+                            if "streams.processor: partitions " in line][-1:] for inst in instances}
+        if (time.monotonic() - since >= quiet_s
+                and all(lines and "partitions assigned: [" in lines[0] and "[]" not in lines[0]
+                        for lines in last.values())):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the group did not settle within {timeout_s} s: {last}")
+        time.sleep(0.2)
 
 
 def compare_exactly_once(run: RunOutput, baseline: Baseline) -> None:

@@ -40,6 +40,7 @@ from tests.integration.state_support import (
     new_topic,
     read_output,
     trickle,
+    wait_group_settled,
     wait_until_committed,
 )
 
@@ -107,13 +108,12 @@ def test_sigkill_and_restart_scores_every_reading_like_the_uninterrupted_run(kaf
     b = Instance("b", kafka_bootstrap, topic, group, guarantee, tmp_path, transactional_id=ids["b"]).start()
     instances = [a, b]
     try:
-        a.wait_for_log("partitions assigned")
-        b.wait_for_log("partitions assigned")
+        wait_group_settled([a, b])
         feeder = trickle(kafka_bootstrap, topic, input_messages())
         kill_at = int(rng.uniform(0.2, 0.6) * base.sent)
         wait_scored(kafka_bootstrap, topic, kill_at, instances)
         a.kill()
-        committed_at_kill = committed_offsets(kafka_bootstrap, topic, group)
+        committed_at_kill = committed_offsets(kafka_bootstrap, topic, group, stable=False)
         time.sleep(rng.uniform(0.5, 3.0))
         a.start()
         feeder.join(timeout=60)
@@ -151,8 +151,7 @@ def test_a_third_instance_joining_mid_stream_changes_nothing_in_the_results(kafk
     c = Instance("c", kafka_bootstrap, topic, group, guarantee, tmp_path, transactional_id=txn("c"))
     instances = [a, b]
     try:
-        a.wait_for_log("partitions assigned")
-        b.wait_for_log("partitions assigned")
+        wait_group_settled([a, b])
         feeder = trickle(kafka_bootstrap, topic, input_messages(), chunks=16)
         wait_scored(kafka_bootstrap, topic, int(rng.uniform(0.15, 0.4) * base.sent), instances)
         committed_before = committed_offsets(kafka_bootstrap, topic, group)
