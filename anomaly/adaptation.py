@@ -15,7 +15,8 @@ alert when a reading beats one of them by a relative margin (``tolerance``):
 
 Error records are kept per *error channel* (K of them): channel 0 is the forecaster's surprise; a
 bundle with a seasonal period adds channel 1, the surprise of the reading against the same phase one
-period earlier (:func:`anomaly.scoring.seasonal_residuals`). Each channel has its own records and its
+period earlier (:func:`anomaly.scoring.seasonal_residuals`); the detector then feeds channel 0 the
+smaller of the two surprises (``DetectorConfig.seasonal_explains``). Each channel has its own records and its
 own learning period, because the channels' noise levels differ: one shared record would be set by
 the noisier channel and blind the other (a max of the two surprises has that flaw). A channel's NaN
 surprise (no reference yet) is ignored: its averages and records stay as they were.

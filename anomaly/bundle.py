@@ -120,6 +120,10 @@ class DetectorConfig:
         0.5: an incident in one cycle returns as half its size in the next one's residuals (at 1 it
         returns whole, mirrored: a likely false alarm one period later), and the reference averages
         the noise of past cycles, so the residual's variance is 1.33 instead of 2 times a reading's.
+    seasonal_explains : with a seasonal period, feed the forecaster's error channel the smaller of its own
+        surprise and the seasonal one, so a reading the device's cycle explains (a switch-on at the same
+        time every day, which a one-step forecaster cannot anticipate) does not beat the forecaster's
+        records; ``false``: each channel is fed its own surprise.
     """
 
     threshold: float = 4.0
@@ -144,6 +148,7 @@ class DetectorConfig:
     novelty_value_range: bool = True
     seasonal_period: int | None = None
     seasonal_alpha: float = 0.5
+    seasonal_explains: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.novelty_alphas, (list, tuple)):  # JSON gives a list
@@ -183,6 +188,7 @@ class DetectorConfig:
                                                                  and 2 <= self.seasonal_period <= MAX_SEASONAL_PERIOD),
              f"null or an integer in [2, {MAX_SEASONAL_PERIOD}]"),
             ("seasonal_alpha", _is_number(self.seasonal_alpha) and 0.0 < self.seasonal_alpha <= 1.0, "in (0, 1]"),
+            ("seasonal_explains", isinstance(self.seasonal_explains, bool), "true or false"),
         ]
         for name, ok, rule in checks:
             if not ok:

@@ -31,7 +31,11 @@ Two episode rules (``DetectorConfig.episode_rule``), both on this one path:
   by time phase; the surprise of ``reading - profile`` (the bundle's ``seasonal_scorer``) is a second
   error channel with records of its own (NaN, so ignored, until the phase has a reference). The one-step
   forecaster cannot see a cycle whose shape changes smoothly (a daily peak that stays low); the
-  seasonal residual does. Costs T more vectorised gather/scatter steps of ``[B, F]`` per call.
+  seasonal residual does. With ``seasonal_explains`` (the default) the forecaster's channel is fed the
+  *smaller* of the two surprises: a reading the device's cycle explains (the switch-on it makes at this
+  time every day) is not novel just because the one-step forecaster could not anticipate it; a reading
+  neither the recent past nor the cycle explains still is, and the seasonal channel alone still sees a
+  reading that is wrong for its phase. Costs T more vectorised gather/scatter steps of ``[B, F]`` per call.
 
 Cost per call: one LSTM forward pass over [B, T, F] (in cache-sized blocks of devices), O(N log N) numpy
 for grouping (no hashing of ids when they equal the previous call's, all distinct), and T
@@ -270,8 +274,12 @@ class StreamingDetector:
             # not MAX_SURPRISE where stuck: that would raise the device's error records to the maximum and
             # leave it blind to errors for several half-lives (stuck sensors are the threshold rule's to flag)
             absolute = np.where(scored, scorer.surprise(raw - expected), np.float32(0.0))
-            errors = absolute if store.season is None else np.stack(
-                [absolute, self._seasonal_surprise(raw, ts, cells, valid, scored, slots)], axis=2)
+            if store.season is None:
+                errors = absolute
+            else:  # the forecaster channel: the smaller surprise (NaN seasonal: no reference yet, its own)
+                seasonal = self._seasonal_surprise(raw, ts, cells, valid, scored, slots)
+                forecaster = np.fmin(absolute, seasonal) if cfg.seasonal_explains else absolute
+                errors = np.stack([forecaster, seasonal], axis=2)
             records = store.novelty.take(slots)  # type: ignore[union-attr]
             nov = novelty_step(self.novelty_config, records, before, store.run_length[slots], errors, raw, scored)
             store.novelty.put(slots, records)  # type: ignore[union-attr]

@@ -113,6 +113,8 @@ class EvalSettings:
     seasonal : train with ``seasonal=True``: a file whose training rows have a clear cycle gets a seasonal
         error channel (:func:`anomaly.training.dominant_period`, ``DetectorConfig.seasonal_period``).
     seasonal_alpha : the detector's ``seasonal_alpha`` (weight of the newest reading in the profile).
+    seasonal_explains : the detector's ``seasonal_explains`` (the forecaster channel is fed the smaller of
+        its surprise and the seasonal one).
     skab_train_rows : rows at the start of each SKAB file used for training and never scored.
     river_quantile : River's SKAB threshold, the quantile of its scores on the training rows (it ships
         none; ours needs none: its alerts are relative to each device's own records).
@@ -129,6 +131,7 @@ class EvalSettings:
     score_source: Literal["novelty", "detector"] = "novelty"
     seasonal: bool = True
     seasonal_alpha: float = 0.5
+    seasonal_explains: bool = True
     skab_train_rows: int = 400
     river_quantile: float = 0.99
 
@@ -143,6 +146,8 @@ class EvalSettings:
         if not isinstance(self.seasonal, bool) or not 0.0 < self.seasonal_alpha <= 1.0:
             raise ValueError(f"evaluation settings seasonal={self.seasonal!r}, seasonal_alpha={self.seasonal_alpha!r} "
                              "must be true or false, and in (0, 1]")
+        if not isinstance(self.seasonal_explains, bool):
+            raise ValueError(f"evaluation setting seasonal_explains={self.seasonal_explains!r} must be true or false")
         if not 0.5 <= self.river_quantile < 1.0:
             raise ValueError(f"evaluation setting river_quantile={self.river_quantile} must be in [0.5, 1)")
 
@@ -158,7 +163,7 @@ class EvalSettings:
                               cooldown=n.cooldown, novelty_alphas=n.alphas, novelty_tolerance=n.tolerance,
                               novelty_half_life=n.half_life, novelty_refractory=n.refractory,
                               novelty_learn_readings=n.learn_readings, novelty_value_range=n.value_range,
-                              seasonal_alpha=self.seasonal_alpha)
+                              seasonal_alpha=self.seasonal_alpha, seasonal_explains=self.seasonal_explains)
 
 
 # ----------------------------------------------------------------------------------------- helpers

@@ -53,6 +53,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "novelty: records never decay": {"novelty": {"half_life": float("inf")}},
     "no seasonal error channel": {"seasonal": False},
     "seasonal: reference = the previous cycle exactly (profile weight 1)": {"seasonal_alpha": 1.0},
+    "seasonal: forecaster channel fed its own surprise, not the smaller of the two": {"seasonal_explains": False},
 }
 
 

@@ -345,7 +345,7 @@ def test_a_bundle_without_novelty_settings_loads_with_the_threshold_rule(saved):
 
 @pytest.mark.parametrize(("setting", "value"), [
     ("seasonal_period", 1), ("seasonal_period", 10**6), ("seasonal_period", 24.0), ("seasonal_alpha", 0.0),
-    ("seasonal_alpha", 1.5)])
+    ("seasonal_alpha", 1.5), ("seasonal_explains", 1), ("seasonal_explains", "false")])
 def test_seasonal_settings_are_validated_by_name(setting, value):
     with pytest.raises(ValueError, match=f"detector setting {setting}="):
         DetectorConfig(**{setting: value})

@@ -373,3 +373,45 @@ def test_seasonal_channel_sees_a_cycle_that_skips_its_jump_where_the_forecaster_
     assert not without.alerts[skipped].any()
     assert seen.alerts[skipped].any() and seen.anomalous[skipped].any()
     assert np.flatnonzero(seen.alerts & skipped)[0] <= np.flatnonzero(skipped)[0] + 2  # at the jump that did not come
+
+
+def switch_on_fleet(period: int, cycles: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A device that switches on for the second half of every cycle, to a height that varies a little from
+    cycle to cycle (2.7-3.3), with noise 0.05; timestamps one second apart."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(period * cycles)
+    height = rng.uniform(2.7, 3.3, cycles)[t // period]
+    values = np.where(t % period >= period // 2, height, 0.0) + rng.normal(0, 0.05, len(t))
+    return t, values
+
+
+def switch_on_bundle(period: int, **config) -> ModelBundle:
+    """A persistence forecaster whose normal errors have sd 1 (a switch-on of 3 surprises it, uncapped) and
+    a seasonal scorer for which the cycle-to-cycle variation of the height is normal (sd 0.5); the
+    value-range channel is off, so only the error channels can alert."""
+    rng = np.random.default_rng(1)
+    base = ModelBundle.untrained(["x"], hidden_size=4, scorer=NormalErrorModel.fit(rng.normal(0, 1.0, (4000, 1))))
+    bundle = replace(base, seasonal_scorer=NormalErrorModel.fit(rng.normal(0, 0.5, (4000, 1))))
+    return bundle.with_config(**({"episode_rule": "novelty", "warmup_steps": 2, "novelty_learn_readings": 2 * period,
+                                  "novelty_refractory": 0, "novelty_value_range": False,
+                                  "seasonal_period": period} | config))
+
+
+def test_a_daily_switch_on_is_explained_by_the_cycle_but_a_switch_on_at_another_time_is_not():
+    """The one-step forecaster misses every switch-on by its whole height, a little more on some days than on
+    any before: fed its own surprise, its records are beaten again and again. The cycle explains those
+    readings, so with ``seasonal_explains`` nothing alerts after learning, until the device switches on in
+    the first half of cycle 16, when it never has: that neither channel explains."""
+    period, cycles = 24, 20
+    t, values = switch_on_fleet(period, cycles)
+    odd = (t // period == 16) & (t % period >= 4) & (t % period < 8)
+    values[odd] += 3.0
+    batch = ReadingBatch.from_arrays(["d"] * len(t), t * 1000, values[:, None])
+    learned = t >= 3 * period
+    own = StreamingDetector(switch_on_bundle(period, seasonal_explains=False)).process(batch)
+    explained = StreamingDetector(switch_on_bundle(period)).process(batch)
+    routine = learned & ~odd & (t < 16 * period)
+    switch_rows = (t % period == period // 2) | (t % period == 0)
+    assert own.alerts[routine].sum() >= 2 and (own.alerts[routine] <= switch_rows[routine]).all()
+    assert not explained.alerts[routine].any()
+    assert explained.alerts[odd].any() and np.flatnonzero(explained.alerts & odd)[0] <= np.flatnonzero(odd)[0] + 1

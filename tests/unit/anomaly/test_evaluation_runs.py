@@ -185,3 +185,7 @@ def test_seasonal_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="seasonal_alpha"):
         EvalSettings(seasonal_alpha=0.0)
     assert EvalSettings(seasonal=False).detector_config().seasonal_alpha == 0.5
+    with pytest.raises(ValueError, match="seasonal_explains"):
+        EvalSettings(seasonal_explains="no")  # type: ignore[arg-type]
+    assert EvalSettings().detector_config().seasonal_explains is True
+    assert EvalSettings(seasonal_explains=False).detector_config().seasonal_explains is False
