@@ -17,6 +17,7 @@ import struct
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -73,6 +74,28 @@ def check_alive(instances: list[Instance]) -> str | None:
     return f"{dead[0].name} exited with {dead[0].proc.returncode}\n{dead[0].output()}" if dead else None
 
 
+def group_instance(name: str, bootstrap: str, topic: str, group: str, guarantee: str, log_dir: Path) -> Instance:
+    """A ``serve`` process of ``group`` (not started); under exactly-once with a transactional id of its own."""
+    transactional_id = f"{group}-{name}" if guarantee == "exactly_once" else None
+    return Instance(name, bootstrap, topic, group, guarantee, log_dir, transactional_id=transactional_id)
+
+
+def kill_survivors(instances: list[Instance]) -> None:
+    """SIGKILL every instance still running (a failed test must not leave servers behind)."""
+    for inst in instances:
+        if inst.alive():
+            inst.proc.kill()
+
+
+def check_guarantee(bootstrap: str, topic: str, base, guarantee: str, committed_before: dict[int, int],
+                    context: str) -> None:
+    """The run's output against the uninterrupted baseline, by the rules of ``guarantee``."""
+    if guarantee == "exactly_once":
+        compare_exactly_once(read_output(bootstrap, topic, read_committed=True), base)
+    else:
+        check_at_least_once(read_output(bootstrap, topic, read_committed=False), base, committed_before, context)
+
+
 def check_at_least_once(run, base, committed_before: dict[int, int], context: str) -> int:
     """No reading or event missing; repeats only at or after ``committed_before``; returns the repeats."""
     missing = set(base.output.scores) - set(run.scores)
@@ -103,9 +126,8 @@ def test_sigkill_and_restart_scores_every_reading_like_the_uninterrupted_run(kaf
     rng = random.Random(seed)
     topic = new_topic(kafka_bootstrap, f"crash-{guarantee}")
     group = f"g-{uuid.uuid4().hex[:8]}"
-    ids = {"a": f"{group}-a", "b": f"{group}-b"} if guarantee == "exactly_once" else {"a": None, "b": None}
-    a = Instance("a", kafka_bootstrap, topic, group, guarantee, tmp_path, transactional_id=ids["a"]).start()
-    b = Instance("b", kafka_bootstrap, topic, group, guarantee, tmp_path, transactional_id=ids["b"]).start()
+    a = group_instance("a", kafka_bootstrap, topic, group, guarantee, tmp_path).start()
+    b = group_instance("b", kafka_bootstrap, topic, group, guarantee, tmp_path).start()
     instances = [a, b]
     try:
         wait_group_settled([a, b])
@@ -122,17 +144,11 @@ def test_sigkill_and_restart_scores_every_reading_like_the_uninterrupted_run(kaf
         wait_until_committed(kafka_bootstrap, topic, group, timeout_s=90, check=lambda: check_alive(instances))
         codes = [a.terminate(), b.terminate()]
     finally:
-        for inst in instances:
-            if inst.alive():
-                inst.proc.kill()
+        kill_survivors(instances)
     assert codes == [0, 0], f"seed {seed}: exit codes {codes}\n{a.output()}\n{b.output()}"
     context = f"seed {seed}, killed at ~{kill_at} of {base.sent} readings, committed then {committed_at_kill}"
     assert sum(committed_at_kill.values()) < base.sent, f"{context}: the kill came after the stream: proves nothing"
-    if guarantee == "exactly_once":
-        compare_exactly_once(read_output(kafka_bootstrap, topic, read_committed=True), base)
-    else:
-        check_at_least_once(read_output(kafka_bootstrap, topic, read_committed=False), base, committed_at_kill,
-                            context)
+    check_guarantee(kafka_bootstrap, topic, base, guarantee, committed_at_kill, context)
 
 
 @pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
@@ -142,13 +158,9 @@ def test_a_third_instance_joining_mid_stream_changes_nothing_in_the_results(kafk
     rng = random.Random(seed)
     topic = new_topic(kafka_bootstrap, f"rebalance-{guarantee}")
     group = f"g-{uuid.uuid4().hex[:8]}"
-
-    def txn(name: str) -> str | None:
-        return f"{group}-{name}" if guarantee == "exactly_once" else None
-
-    a = Instance("a", kafka_bootstrap, topic, group, guarantee, tmp_path, transactional_id=txn("a")).start()
-    b = Instance("b", kafka_bootstrap, topic, group, guarantee, tmp_path, transactional_id=txn("b")).start()
-    c = Instance("c", kafka_bootstrap, topic, group, guarantee, tmp_path, transactional_id=txn("c"))
+    a = group_instance("a", kafka_bootstrap, topic, group, guarantee, tmp_path).start()
+    b = group_instance("b", kafka_bootstrap, topic, group, guarantee, tmp_path).start()
+    c = group_instance("c", kafka_bootstrap, topic, group, guarantee, tmp_path)
     instances = [a, b]
     try:
         wait_group_settled([a, b])
@@ -162,17 +174,11 @@ def test_a_third_instance_joining_mid_stream_changes_nothing_in_the_results(kafk
         wait_until_committed(kafka_bootstrap, topic, group, timeout_s=90, check=lambda: check_alive(instances))
         codes = [inst.terminate() for inst in instances]
     finally:
-        for inst in (a, b, c):
-            if inst.alive():
-                inst.proc.kill()
+        kill_survivors([a, b, c])
     context = f"seed {seed}, third instance joined with {committed_before} committed"
     assert codes == [0, 0, 0], f"{context}: exit codes {codes}\n{a.output()}\n{b.output()}\n{c.output()}"
     assert sum(committed_before.values()) < base.sent, f"{context}: joined after the stream: proves nothing"
-    if guarantee == "exactly_once":
-        compare_exactly_once(read_output(kafka_bootstrap, topic, read_committed=True), base)
-    else:
-        check_at_least_once(read_output(kafka_bootstrap, topic, read_committed=False), base, committed_before,
-                            context)
+    check_guarantee(kafka_bootstrap, topic, base, guarantee, committed_before, context)
 
 
 def test_a_second_instance_with_the_same_transactional_id_fences_the_first_without_duplicates(kafka_bootstrap,
@@ -201,9 +207,7 @@ def test_a_second_instance_with_the_same_transactional_id_fences_the_first_witho
         wait_until_committed(kafka_bootstrap, topic, group, timeout_s=90, check=lambda: check_alive([new]))
         new_code = new.terminate()
     finally:
-        for inst in (old, new):
-            if inst.alive():
-                inst.proc.kill()
+        kill_survivors([old, new])
     assert old.proc.returncode == 2 and "fenced" in old.log_text(), old.output()
     assert new_code == 0, new.output()
     compare_exactly_once(read_output(kafka_bootstrap, topic, read_committed=True), base)

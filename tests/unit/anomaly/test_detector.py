@@ -375,7 +375,7 @@ def test_seasonal_channel_sees_a_cycle_that_skips_its_jump_where_the_forecaster_
     assert np.flatnonzero(seen.alerts & skipped)[0] <= np.flatnonzero(skipped)[0] + 2  # at the jump that did not come
 
 
-def switch_on_fleet(period: int, cycles: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def switch_on_series(period: int, cycles: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A device that switches on for the second half of every cycle, to a height that varies a little from
     cycle to cycle (2.7-3.3), with noise 0.05; timestamps one second apart."""
     rng = np.random.default_rng(seed)
@@ -403,7 +403,7 @@ def test_a_daily_switch_on_is_explained_by_the_cycle_but_a_switch_on_at_another_
     readings, so with ``seasonal_explains`` nothing alerts after learning, until the device switches on in
     the first half of cycle 16, when it never has: that neither channel explains."""
     period, cycles = 24, 20
-    t, values = switch_on_fleet(period, cycles)
+    t, values = switch_on_series(period, cycles)
     odd = (t // period == 16) & (t % period >= 4) & (t % period < 8)
     values[odd] += 3.0
     batch = ReadingBatch.from_arrays(["d"] * len(t), t * 1000, values[:, None])
