@@ -33,10 +33,10 @@ lint: setup ## ruff
 	$(PY) -m ruff check .
 
 kafka-up: setup ## start a local single-node KRaft broker in the background
-	$(PY) -m streams.localkafka up
+	$(PY) -m streams.dev.localkafka up
 
 kafka-down: ## stop the local broker
-	$(PY) -m streams.localkafka down
+	$(PY) -m streams.dev.localkafka down
 
 clean: ## remove caches in the repo (not the shared environment)
 	rm -rf .pytest_cache .ruff_cache .hypothesis

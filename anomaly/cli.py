@@ -20,7 +20,7 @@ from typing import NoReturn
 import pandas as pd
 
 from anomaly.errors import AnomalyError
-from anomaly.evaluation_runs import add_evaluate_command
+from anomaly.evaluation.runs import add_evaluate_command
 
 __all__ = ["Command", "build_parser", "main", "run"]
 
@@ -91,7 +91,7 @@ def _looks_numeric(column: pd.Series) -> bool:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from anomaly.datasets import read_table
+    from anomaly.evaluation.datasets import read_table
     from anomaly.training import fit
 
     frame = read_table(args.data)
@@ -124,8 +124,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_score(args: argparse.Namespace) -> int:
     from anomaly.bundle import ModelBundle
-    from anomaly.datasets import read_table
     from anomaly.detector import StreamingDetector, score_frame
+    from anomaly.evaluation.datasets import read_table
 
     bundle = ModelBundle.load(args.model)
     frame = read_table(args.data)

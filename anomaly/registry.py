@@ -27,7 +27,7 @@ Rules kept here:
   family, rolled out with a restart.
 
 What it must not do: talk to Kafka or HTTP, or decide *when* a service switches (that is
-``streams.model_watcher``). Version strings are free-form within :data:`VERSION_PATTERN`; they are
+``streams.models.watcher``). Version strings are free-form within :data:`VERSION_PATTERN`; they are
 ordered by :func:`version_key` (numeric parts as numbers: ``"10"`` after ``"9"``, ``"1.10"`` after
 ``"1.9"``).
 """

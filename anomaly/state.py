@@ -7,7 +7,7 @@ per device in Python. State lives in preallocated slabs addressed by slot: ``h``
 The detector gathers the slots of a batch with one index tensor, runs one forward pass and
 scatters the result back.
 
-What it must not do: know about Kafka or partitions (``streams.changelog`` maps snapshots to
+What it must not do: know about Kafka or partitions (``streams.state.changelog`` maps snapshots to
 topics), or score readings (``anomaly.detector`` does).
 
 Memory: ``2·L·H·4`` bytes of h/c plus ``14·F + 33`` bytes of scalars per slot, plus the id

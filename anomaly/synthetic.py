@@ -1,7 +1,7 @@
 """Simulated sensor fleets with injected, recorded anomalies.
 
 Why this module exists: unit tests, the demo, the benchmarks and the Kafka load simulator
-(``streams/simulator.py``) all need a fleet of sensors whose readings look like real machines
+(``streams/dev/simulator.py``) all need a fleet of sensors whose readings look like real machines
 (per-device levels, correlated features, a daily cycle, autocorrelated noise) and whose anomalies
 are known exactly. One generator serves them all, in two forms that share one vectorised core:
 

@@ -11,7 +11,7 @@ streaming each device's whole series through the trained model → optionally (`
 detect a dominant cycle (:func:`dominant_period`) and fit a second normal-error model on the
 residuals of each reading against the same phase one period earlier.
 
-What it must not do: read files or talk to Kafka (``anomaly.datasets`` and ``streams`` do).
+What it must not do: read files or talk to Kafka (``anomaly.evaluation.datasets`` and ``streams`` do).
 Deterministic for a given seed on one machine.
 """
 

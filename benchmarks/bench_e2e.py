@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from anomaly.bundle import ModelBundle
 from streams.codec import decode_records, encode_reading, encode_window
 from streams.config import ServiceConfig
-from streams.kafka_admin import TopicSpec, admin_client, ensure_topics
-from streams.localkafka import LocalKafka
+from streams.dev.localkafka import LocalKafka
+from streams.kafka.admin import TopicSpec, admin_client, ensure_topics
 from streams.processor import StreamProcessor
 
 FEATURES = ("temp", "vibration", "current", "pressure")

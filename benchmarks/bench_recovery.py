@@ -3,7 +3,7 @@
 What it measures, all in one run on one broker (so the figures are comparable on a noisy machine):
 
 1. ``restore_s_10k`` / ``restore_s_100k``: time to restore 10,000 and 100,000 devices from the
-   changelog on assignment — :func:`streams.changelog.restore_partitions` over the changelog's
+   changelog on assignment — :func:`streams.state.changelog.restore_partitions` over the changelog's
    4 partitions (a fresh ``read_committed`` consumer, as a processor's first restore uses), into a
    fresh state store of the benchmark model (LSTM hidden size 64, 4 features: ~610 bytes of state
    per device). The changelog holds one record per bucket (the default 64 per partition, each with
@@ -42,12 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from anomaly.bundle import ModelBundle
 from anomaly.snapshots import encode_states
 from anomaly.state import DeviceStateStore
-from streams.changelog import MARKER_KEY, bucket_key, bucket_of, encode_bucket, encode_marker, restore_partitions
 from streams.codec import encode_reading
 from streams.config import ServiceConfig
-from streams.kafka_admin import TopicSpec, admin_client, ensure_topics
-from streams.localkafka import LocalKafka
+from streams.dev.localkafka import LocalKafka
+from streams.kafka.admin import TopicSpec, admin_client, ensure_topics
 from streams.processor import StreamProcessor
+from streams.state.changelog import MARKER_KEY, bucket_key, bucket_of, encode_bucket, encode_marker, restore_partitions
 
 FEATURES = ("temp", "vibration", "current", "pressure")
 PARTITIONS = 4

@@ -1,7 +1,7 @@
 """Detection-quality benchmark: NAB and SKAB for our detector and River's HalfSpaceTrees, one table.
 
 Why it exists: the README's quality claims come from one command that anyone can rerun. It runs
-``sensor-anomaly evaluate nab`` and ``evaluate skab`` (the same functions, :mod:`anomaly.evaluation_runs`)
+``sensor-anomaly evaluate nab`` and ``evaluate skab`` (the same functions, :mod:`anomaly.evaluation.runs`)
 for ``ours`` and ``river-hst``, prints a table next to published numbers, and ends with ONE line of
 JSON holding the headline numbers. It is a benchmark, not a test: it asserts nothing.
 
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from anomaly.evaluation_runs import EvalSettings, NabRun, SkabRun, run_nab, run_skab
+from anomaly.evaluation.runs import EvalSettings, NabRun, SkabRun, run_nab, run_skab
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("SENSOR_ANOMALY_DATA", REPO.parent / "shared" / "data"))

@@ -47,7 +47,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from anomaly.synthetic import FleetSpec
-    from streams.simulator import run_simulator
+    from streams.dev.simulator import run_simulator
 
     spec = FleetSpec(n_devices=args.devices, seed=args.seed, interval_ms=args.interval_ms,
                      start_ms=None if args.start_ms is None else args.start_ms,
@@ -63,7 +63,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from streams.demo import DemoOptions, run_demo
+    from streams.dev.demo import DemoOptions, run_demo
 
     return run_demo(DemoOptions(seconds=args.seconds, devices=args.devices, rate=args.rate, workdir=args.workdir,
                                 metrics_port=args.metrics_port, anomaly_rate=args.anomaly_rate))

@@ -94,7 +94,7 @@ EVENT_KINDS: tuple[str, ...] = ("start", "end")
 SNAPSHOT_DISCARD_REASONS: tuple[str, ...] = ("model_version", "corrupt")
 RELOAD_OUTCOMES: tuple[str, ...] = ("success", "failure")
 SHADOW_AGREEMENT_OUTCOMES: tuple[str, ...] = ("both", "live_only", "shadow_only", "not_comparable")
-"""``outcome`` of ``sensor_anomaly_shadow_agreement_total`` (see :mod:`streams.shadow` for the matching rule)."""
+"""``outcome`` of ``sensor_anomaly_shadow_agreement_total`` (see :mod:`streams.models.shadow` for the matching rule)."""
 
 LATENCY_BUCKETS_S: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -381,7 +381,7 @@ class ServiceMetrics:
             ["outcome"],
             registry=reg,
         )
-        # -- model switches and shadow scoring (hot reload and shadow mode: streams/model_watcher.py, streams/shadow.py)
+        # -- model switches and shadow scoring (hot reload and shadow mode: streams/models/)
         self.model_switch_resets = Counter(
             _name("model_switch_state_resets"),
             "Device states dropped at a model switch: each device warms up again under the new model.",

@@ -18,11 +18,11 @@ One loop iteration (:meth:`StreamProcessor.step`)::
         before its seek and are dropped
     decode every record (bad ones become dead letters) → ONE StreamingDetector.process call
     send anomaly events, dead letters (and, if configured, the score stream and the shadow
-        model's events: streams/shadow.py)
+        model's events: streams/models/shadow.py)
     every commit_interval_s: commit (below)
     model registry: every model_poll_interval_s read its LIVE pointer; a new, validated version is
         switched in here, between two batches: commit first, then swap the detector (every device
-        warms up again under the new model; open episodes get an end event): streams/model_watcher.py
+        warms up again under the new model; open episodes get an end event): streams/models/watcher.py
 
 Commit order (:meth:`StreamProcessor.commit`), which is what "nothing lost" rests on:
 
@@ -97,11 +97,10 @@ from anomaly.bundle import ModelBundle
 from anomaly.detector import StreamingDetector
 from anomaly.events import AnomalyEvent, ProcessResult, ReadingStatus
 from anomaly.snapshots import encode_groups
-from streams.changelog import MARKER_KEY, bucket_key, bucket_of, encode_bucket, encode_marker, restore_partitions
 from streams.codec import DecodedBatch, dead_letter_headers, decode_records, encode_event
 from streams.config import ServiceConfig
 from streams.errors import BrokerUnavailableError, ConfigError, FencedError
-from streams.kafka_admin import (
+from streams.kafka.admin import (
     TopicSpec,
     admin_client,
     check_authentication,
@@ -110,8 +109,9 @@ from streams.kafka_admin import (
     wait_for_broker,
 )
 from streams.metrics import ServiceMetrics
-from streams.model_watcher import ModelSwitch, ModelWatcher
-from streams.shadow import ShadowScorer
+from streams.models.shadow import ShadowScorer
+from streams.models.watcher import ModelSwitch, ModelWatcher
+from streams.state.changelog import MARKER_KEY, bucket_key, bucket_of, encode_bucket, encode_marker, restore_partitions
 
 __all__ = ["ProcessorStats", "StreamProcessor"]
 
@@ -241,7 +241,7 @@ class StreamProcessor:
         self._committed: dict[int, int | None] = {}  # last committed offset known per partition
         self._position: dict[int, int] = {}  # next offset to process per ready partition
         self._device_partition: dict[str, int] = {}
-        self._device_bucket: dict[str, int] = {}  # changelog bucket of each device (streams/changelog.py)
+        self._device_bucket: dict[str, int] = {}  # changelog bucket of each device (streams/state/changelog.py)
         self._members: dict[tuple[int, int], set[str]] = {}  # (partition, bucket) → its devices
         self._dirty: dict[str, int] = {}  # devices touched since the last commit → partition
         self._dirty_buckets: set[tuple[int, int]] = set()  # buckets that lost a device (evicted or moved)
@@ -473,7 +473,7 @@ class StreamProcessor:
     def swap_model(self, switch: ModelSwitch) -> None:
         """Serve ``switch.detector`` from the next batch on (call between batches, after a commit).
 
-        The state rule of :mod:`streams.model_watcher`: every device warms up again; devices inside an
+        The state rule of :mod:`streams.models.watcher`: every device warms up again; devices inside an
         episode get an ``end`` event of the old model, sent now and committed with the next window.
         """
         assert self.watcher is not None
@@ -782,7 +782,7 @@ class StreamProcessor:
 
         Every bucket with a device touched or dropped since the last commit, tombstones for keys of
         another layout, one marker per partition. A bucket record holds the state of all the bucket's
-        devices, column-wise (streams/changelog.py): one ``send`` and a few array copies per bucket
+        devices, column-wise (streams/state/changelog.py): one ``send`` and a few array copies per bucket
         instead of one of each per device keep the commit short.
         """
         store = self.detector.store

@@ -7,7 +7,7 @@ already have one, CI may have a Docker engine or only Java. The session fixture 
 1. ``$KAFKA_BOOTSTRAP_SERVERS`` if set (a broker someone else runs; never stopped here);
 2. a testcontainers ``KafkaContainer`` (Confluent image, KRaft) when a Docker engine answers a ping
    within about a second (``$KAFKA_TEST_IMAGE`` overrides the image);
-3. :class:`streams.localkafka.LocalKafka`, started once per session from Maven-resolved jars
+3. :class:`streams.dev.localkafka.LocalKafka`, started once per session from Maven-resolved jars
    (fetched on first use; needs Java 17+ and Maven).
 
 If none can be had, tests that need the broker are skipped, except under ``CI=true``, where they
@@ -37,9 +37,9 @@ from typing import Literal, NoReturn
 
 import pytest
 
+from streams.dev.localkafka import LocalKafka, MissingPrerequisiteError
 from streams.errors import BrokerUnavailableError
-from streams.kafka_admin import TopicSpec, admin_client, ensure_topics, wait_for_broker
-from streams.localkafka import LocalKafka, MissingPrerequisiteError
+from streams.kafka.admin import TopicSpec, admin_client, ensure_topics, wait_for_broker
 
 __all__ = [
     "ENV_BOOTSTRAP",

@@ -3,7 +3,7 @@
 Why this module exists: the client security settings (``ServiceConfig.kafka_security()``) and the
 Kubernetes configuration (SASL_SSL + SCRAM-SHA-512 from a ConfigMap and a Secret) can only be shown
 to work against a broker that really authenticates. :func:`secure_kafka` starts one
-:class:`streams.localkafka.LocalKafka` per test session with three client listeners:
+:class:`streams.dev.localkafka.LocalKafka` per test session with three client listeners:
 
 * ``PLAINTEXT`` (``bootstrap``): admin work and test data, no authentication;
 * ``SASL_PLAINTEXT`` (``sasl_plaintext``): PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512;
@@ -11,7 +11,7 @@ to work against a broker that really authenticates. :func:`secure_kafka` starts 
   127.0.0.1 signed by a throw-away CA (``ca_file``) that ``openssl`` makes for the session.
 
 The SCRAM credentials are created when the storage is formatted (``kafka-storage format
---add-scram``), the PLAIN ones in the listener's JAAS config (see :mod:`streams.localkafka`).
+--add-scram``), the PLAIN ones in the listener's JAAS config (see :mod:`streams.dev.localkafka`).
 
 Pytest caches a session fixture per module that imports it, so the broker and the trained model are
 module-level singletons here: every test file that imports the fixtures gets the same broker. Like
@@ -36,7 +36,7 @@ from typing import Any, NoReturn
 import pytest
 
 from streams.config import Secret, ServiceConfig
-from streams.localkafka import LocalKafka, MissingPrerequisiteError
+from streams.dev.localkafka import LocalKafka, MissingPrerequisiteError
 
 __all__ = [
     "PASSWORD",

@@ -48,7 +48,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from anomaly.bundle import ModelBundle
 from anomaly.synthetic import DEFAULT_FEATURES
 from streams.config import ENV_PREFIX, ServiceConfig
-from streams.localkafka import KAFKA_VERSION, pick_free_ports
+from streams.dev.localkafka import KAFKA_VERSION, pick_free_ports
 from streams.metrics import DEFAULT_METRICS_PORT, ServiceMetrics
 from tests.integration.helpers import fleet_messages, produce
 from tests.secure_kafka import SecureBroker, secure_kafka, security_model
@@ -220,7 +220,7 @@ def compose_config() -> dict[str, Any]:
 def test_compose_stack_has_every_part_of_the_demo(compose_config: dict[str, Any]) -> None:
     services = compose_config["services"]
     assert set(services) == {"kafka", "model", "sensor-anomaly", "simulator", "prometheus", "grafana"}
-    assert services["kafka"]["image"] == f"apache/kafka:{KAFKA_VERSION}", "keep in step with streams/localkafka.py"
+    assert services["kafka"]["image"] == f"apache/kafka:{KAFKA_VERSION}", "keep in step with streams/dev/localkafka.py"
     for name in ("model", "sensor-anomaly", "simulator"):
         build = services[name]["build"]
         assert Path(build["context"]) == ROOT and (ROOT / build["dockerfile"]) == DOCKERFILE

@@ -52,7 +52,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from anomaly.bundle import ModelBundle
 from anomaly.synthetic import InjectedAnomaly
-from streams.kafka_admin import admin_client
+from streams.kafka.admin import admin_client
 from streams.metrics import ServiceMetrics
 from tests.e2e.test_prometheus_config import (
     JOB,

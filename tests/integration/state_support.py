@@ -35,7 +35,7 @@ from anomaly.bundle import ModelBundle
 from anomaly.synthetic import InjectedAnomaly
 from streams.codec import decode_event
 from streams.config import ServiceConfig
-from streams.kafka_admin import TopicSpec, admin_client, ensure_topics
+from streams.kafka.admin import TopicSpec, admin_client, ensure_topics
 from tests.integration.helpers import TRAIN_STEPS, ProcessorThread, consume_all, fleet_messages, produce, scores_of
 
 __all__ = [

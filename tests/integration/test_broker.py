@@ -3,7 +3,7 @@
 Checked against a real broker (see ``tests/kafka_broker.py``): acks=all produce and a manual-commit
 consumer group round trip, topics with several partitions, exactly-once transactions (committed
 records and offsets visible, aborted records hidden from read_committed consumers) and, on a
-dedicated :class:`streams.localkafka.LocalKafka`, that a restart on the same data directory keeps
+dedicated :class:`streams.dev.localkafka.LocalKafka`, that a restart on the same data directory keeps
 data and committed offsets. Uses kafka-python 3.0.x, the client the service uses.
 """
 
@@ -18,8 +18,8 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import OffsetAndMetadata
 
-from streams.kafka_admin import TopicSpec, admin_client, ensure_topics, partition_counts
-from streams.localkafka import LocalKafka
+from streams.dev.localkafka import LocalKafka
+from streams.kafka.admin import TopicSpec, admin_client, ensure_topics, partition_counts
 
 pytestmark = pytest.mark.kafka
 

@@ -40,7 +40,7 @@ def send_all(bootstrap: str, topic: str, items: list[tuple[bytes | None, bytes |
 @pytest.fixture(scope="module")
 def readings_topic(kafka_bootstrap, fleet, tmp_path_factory):
     """The fleet's readings (record timestamp = reading time) plus bad messages at known times."""
-    from streams.kafka_admin import TopicSpec, admin_client, ensure_topics
+    from streams.kafka.admin import TopicSpec, admin_client, ensure_topics
 
     spec, frame = fleet
     topic = f"export-readings-{int(time.time() * 1e6)}"

@@ -6,7 +6,7 @@
 * Shadow mode publishes the candidate's events to the shadow topic, and its agreement metrics count
   correctly on a stream with known anomalies.
 
-Needs the processor wiring of streams/model_watcher.py and streams/shadow.py (``StreamProcessor.swap_model``).
+Needs the processor wiring of streams/models/watcher.py and streams/models/shadow.py (``StreamProcessor.swap_model``).
 """
 
 from __future__ import annotations
@@ -147,14 +147,14 @@ def test_a_broken_bundle_is_rejected_with_a_logged_reason_and_the_old_model_keep
     weights.write_bytes(weights.read_bytes()[:-64])  # truncated upload
     assert Path(broken, METADATA_FILE).is_file()
     metrics = worker.processor.metrics
-    with caplog.at_level(logging.ERROR, logger="streams.model_watcher"):
+    with caplog.at_level(logging.ERROR, logger="streams.models.watcher"):
         (registry.root / LIVE_FILE).write_text("2\n")  # by hand: set_live would have refused it
         wait_until(lambda: metrics.sample("model_reloads_total", outcome="failure") == 1.0, "the rejection", worker)
         sent += produce(kafka_bootstrap, topic, second)
         wait_until(lambda: worker.processor.stats.records >= sent, "the second half", worker)
     stats = worker.stop()
 
-    (message,) = [r.getMessage() for r in caplog.records if r.name == "streams.model_watcher"]
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "streams.models.watcher"]
     assert message.startswith("model version 2 rejected, still serving version 1: version 2 does not load")
     assert "SHA-256" in message or "weights" in message
     assert stats.model_switches == 0

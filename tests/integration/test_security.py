@@ -12,7 +12,7 @@ Against ``tests/secure_kafka.py``'s broker (SASL_PLAINTEXT and SASL_SSL listener
 * a wrong password fails within a bounded time, and the broker's own log says why (invalid
   credentials); the service command itself then stops with exit code 2 and a clear error.
 
-The first tests need no broker: how :mod:`streams.localkafka` renders the SASL listeners.
+The first tests need no broker: how :mod:`streams.dev.localkafka` renders the SASL listeners.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from kafka.errors import KafkaError
 
 from anomaly.bundle import ModelBundle
 from streams.config import Secret, ServiceConfig
+from streams.dev.localkafka import LocalKafka, security_properties
 from streams.errors import ConfigError
-from streams.kafka_admin import TopicSpec, admin_client, ensure_topics
-from streams.localkafka import LocalKafka, security_properties
+from streams.kafka.admin import TopicSpec, admin_client, ensure_topics
 from tests.integration.helpers import ProcessorThread, fleet_messages, produce
 from tests.secure_kafka import SecureBroker, secure_kafka, security_model
 

@@ -27,7 +27,7 @@ from kafka import KafkaProducer
 from anomaly.bundle import ModelBundle
 from anomaly.snapshots import decode_states, encode_states
 from anomaly.state import DeviceStateStore
-from streams.changelog import decode_bucket, encode_bucket, parse_bucket_key
+from streams.state.changelog import decode_bucket, encode_bucket, parse_bucket_key
 from tests.integration.helpers import ProcessorThread, consume_all, produce, scores_of
 from tests.integration.state_support import (
     Instance,

@@ -21,7 +21,11 @@ from kafka.errors import CommitFailedError, KafkaError, KafkaTimeoutError, Produ
 from anomaly.bundle import ModelBundle
 from anomaly.scoring import NormalErrorModel
 from anomaly.snapshots import decode_states
-from streams.changelog import (
+from streams.codec import encode_reading
+from streams.config import ServiceConfig
+from streams.errors import FencedError
+from streams.processor import StreamProcessor
+from streams.state.changelog import (
     MARKER_KEY,
     bucket_key,
     bucket_of,
@@ -30,10 +34,6 @@ from streams.changelog import (
     encode_bucket,
     encode_marker,
 )
-from streams.codec import encode_reading
-from streams.config import ServiceConfig
-from streams.errors import FencedError
-from streams.processor import StreamProcessor
 
 Record = namedtuple("Record", "topic partition offset key value timestamp headers")
 TOPIC = "in"

@@ -1,4 +1,4 @@
-"""Table reader and NAB/SKAB loaders (anomaly/datasets.py) on hand-made fixtures and the real folders."""
+"""Table reader and NAB/SKAB loaders (anomaly/evaluation/datasets.py) on hand-made fixtures and the real folders."""
 
 import json
 import os
@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from anomaly.datasets import (
+from anomaly.errors import DataError
+from anomaly.evaluation.datasets import (
     SKAB_FEATURES,
     SKAB_LABEL_COLUMNS,
     label_segments,
@@ -18,10 +19,9 @@ from anomaly.datasets import (
     nab_windows,
     read_table,
 )
-from anomaly.errors import DataError
 
 # the benchmark data sits beside the checkout (../shared/data), in CI too
-DATA = Path(os.environ.get("SENSOR_ANOMALY_DATA", Path(__file__).resolve().parents[3].parent / "shared" / "data"))
+DATA = Path(os.environ.get("SENSOR_ANOMALY_DATA", Path(__file__).resolve().parents[4].parent / "shared" / "data"))
 
 
 # ---------------------------------------------------------------------------------- read_table

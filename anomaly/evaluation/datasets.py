@@ -309,7 +309,7 @@ def load_nab(root: str | Path, categories: tuple[str, ...] | None = None) -> lis
 
 
 def nab_windows(files: list[NabFile]) -> dict[str, list[tuple[pd.Timestamp, pd.Timestamp]]]:
-    """The ``key -> windows`` mapping that :func:`anomaly.evaluate.nab_score_corpus` takes.
+    """The ``key -> windows`` mapping that :func:`anomaly.evaluation.scorers.nab_score_corpus` takes.
 
     Raises
     ------

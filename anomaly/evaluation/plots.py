@@ -4,7 +4,7 @@ Why this module exists: a benchmark number says how much a detector is off, a pl
 why (late detections, a threshold just under the noise, a window with no signal). The CLI's
 ``evaluate`` command, the notebooks and the benchmark scripts draw the same pictures from here.
 
-What it must not do: score or threshold anything (that is :mod:`anomaly.evaluate` and the
+What it must not do: score or threshold anything (that is :mod:`anomaly.evaluation.scorers` and the
 detector), or touch global matplotlib state. It builds :class:`matplotlib.figure.Figure` objects
 directly (no ``pyplot``, no ``matplotlib.use``), which render with the Agg canvas, so it is safe in
 servers, tests and headless CI and never opens a window. No Kafka, no HTTP.

@@ -162,7 +162,7 @@ def decode_bucket(value: bytes) -> tuple[int, bytes]:
     >>> decode_bucket(b"garbage")
     Traceback (most recent call last):
     ...
-    streams.changelog.ChangelogRecordError: not a changelog bucket record (bad magic bytes)
+    streams.state.changelog.ChangelogRecordError: not a changelog bucket record (bad magic bytes)
     """
     if len(value) < _HEADER.size or value[:4] != _BUCKET_MAGIC:
         raise ChangelogRecordError("corrupt", "not a changelog bucket record (bad magic bytes)")

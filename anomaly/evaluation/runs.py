@@ -7,7 +7,7 @@ normal data the benchmark allows, streams the file in order through
 :meth:`anomaly.detector.StreamingDetector.process` with the bundle's ``episode_rule="novelty"`` (the
 novelty alerts of :mod:`anomaly.adaptation`, inside the detector: the path ``serve`` runs for such a
 bundle), writes the per-row results and a plot, and finally scores them
-with :mod:`anomaly.evaluate`. River's ``HalfSpaceTrees`` runs through the same loop as a peer baseline.
+with :mod:`anomaly.evaluation.scorers`. River's ``HalfSpaceTrees`` runs through the same loop as a peer baseline.
 
 Benchmark rules as applied here:
 
@@ -25,7 +25,7 @@ Benchmark rules as applied here:
   There is no threshold to calibrate: alerts are relative to each device's own records.
 
 What it must not do: look at labels before the scoring step, tune anything per file, or know about
-Kafka. Plot drawing is :mod:`anomaly.plots`; metrics are :mod:`anomaly.evaluate`.
+Kafka. Plot drawing is :mod:`anomaly.evaluation.plots`; metrics are :mod:`anomaly.evaluation.scorers`.
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ from tqdm.auto import tqdm
 
 from anomaly.adaptation import NoveltyConfig
 from anomaly.bundle import DetectorConfig, ModelBundle
-from anomaly.datasets import (
+from anomaly.detector import StreamingDetector
+from anomaly.errors import DataError, TrainingError
+from anomaly.evaluation.datasets import (
     SKAB_FEATURES,
     SKAB_TIME_COLUMN,
     NabFile,
@@ -56,9 +58,7 @@ from anomaly.datasets import (
     load_skab,
     nab_windows,
 )
-from anomaly.detector import StreamingDetector
-from anomaly.errors import DataError, TrainingError
-from anomaly.evaluate import (
+from anomaly.evaluation.scorers import (
     BinaryMetrics,
     NabProfileResult,
     NabReport,
@@ -230,7 +230,7 @@ def _stream(bundle: ModelBundle, frame: pd.DataFrame, features: Sequence[str], t
 
 
 def _save_plot(path: Path, **fields: Any) -> None:
-    from anomaly.plots import SeriesPlot, save_plot  # matplotlib only when plotting, not for `serve`
+    from anomaly.evaluation.plots import SeriesPlot, save_plot  # matplotlib only when plotting, not for `serve`
 
     figsize = fields.pop("figsize")
     save_plot(path, SeriesPlot(**fields), figsize=figsize, dpi=80)

@@ -1,4 +1,4 @@
-"""Tests of anomaly/evaluation_runs.py: both benchmark commands end to end on tiny synthetic roots."""
+"""Tests of anomaly/evaluation/runs.py: both benchmark commands end to end on tiny synthetic roots."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 
 from anomaly.adaptation import NoveltyConfig
 from anomaly.cli import build_parser, run
-from anomaly.datasets import SKAB_FEATURES
 from anomaly.errors import DataError
-from anomaly.evaluation_runs import EvalSettings, add_evaluate_command, format_nab, format_skab, run_nab, run_skab
+from anomaly.evaluation.datasets import SKAB_FEATURES
+from anomaly.evaluation.runs import EvalSettings, add_evaluate_command, format_nab, format_skab, run_nab, run_skab
 
 pytest.importorskip("river")
 

@@ -21,7 +21,7 @@ from anomaly.readings import ReadingBatch
 from anomaly.registry import LIVE_FILE, ModelRegistry
 from streams.config import ServiceConfig
 from streams.metrics import ServiceMetrics
-from streams.model_watcher import ModelWatcher
+from streams.models.watcher import ModelWatcher
 from tests.unit.streams.fleet import FLEET, decoded_batches, stream_frame, trained
 
 FEATURES = ("temp", "vibration", "current", "pressure")
@@ -99,7 +99,7 @@ def test_a_broken_bundle_is_rejected_with_a_logged_reason_and_not_retried(regist
     (broken / METADATA_FILE).write_text("{ not json")
     (broken / "weights.safetensors").write_bytes(b"\x00" * 64)
     (registry.root / LIVE_FILE).write_text("2\n")  # an operator pointing at it by hand, skipping set_live's checks
-    with caplog.at_level(logging.ERROR, logger="streams.model_watcher"):
+    with caplog.at_level(logging.ERROR, logger="streams.models.watcher"):
         assert watcher.check() is None
         assert watcher.check() is None
     rejections = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
@@ -130,7 +130,7 @@ def test_a_version_over_other_features_is_rejected(registry, metrics, caplog):
     watcher = watcher_for(registry, metrics)
     registry.publish(untrained(features=("temp", "current")), "2")
     registry.set_live("2", validate=False)
-    with caplog.at_level(logging.ERROR, logger="streams.model_watcher"):
+    with caplog.at_level(logging.ERROR, logger="streams.models.watcher"):
         assert watcher.check() is None
     assert "feature schema of version 2 is incompatible with version 1" in caplog.text
     assert reloads(metrics) == (0.0, 1.0)
@@ -139,7 +139,7 @@ def test_a_version_over_other_features_is_rejected(registry, metrics, caplog):
 def test_a_missing_or_garbled_pointer_keeps_the_model_and_warns_once(registry, metrics, caplog):
     watcher = watcher_for(registry, metrics)
     (registry.root / LIVE_FILE).unlink()
-    with caplog.at_level(logging.WARNING, logger="streams.model_watcher"):
+    with caplog.at_level(logging.WARNING, logger="streams.models.watcher"):
         assert watcher.check() is None and watcher.check() is None
         (registry.root / LIVE_FILE).write_text("!!\n")
         assert watcher.check() is None

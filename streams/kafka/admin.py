@@ -1,6 +1,6 @@
 """Broker reachability checks and idempotent topic creation through kafka-python's admin client.
 
-Why this module exists: the local broker (:mod:`streams.localkafka`), the test fixtures and the
+Why this module exists: the local broker (:mod:`streams.dev.localkafka`), the test fixtures and the
 service all need the same two things before they produce a single record: "is a broker answering
 at this address?" and "make sure these topics exist with these partition counts". Doing it in one
 place keeps the kafka-python admin API details (dict-based ``create_topics``, error codes in the

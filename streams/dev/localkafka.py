@@ -31,9 +31,9 @@ checks that the pid is a ``kafka.Kafka`` JVM on this data directory before signa
 
 Command line::
 
-    python -m streams.localkafka up [--port N] [--data-dir D]   # prints the bootstrap address
-    python -m streams.localkafka status [--data-dir D]
-    python -m streams.localkafka down [--data-dir D]
+    python -m streams.dev.localkafka up [--port N] [--data-dir D]   # prints the bootstrap address
+    python -m streams.dev.localkafka status [--data-dir D]
+    python -m streams.dev.localkafka down [--data-dir D]
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from streams.errors import StreamsError
-from streams.kafka_admin import broker_ready
+from streams.kafka.admin import broker_ready
 
 __all__ = [
     "DEFAULT_HEAP",
@@ -95,7 +95,7 @@ STARTED_MARKER = "Kafka Server started"
 #: Env var naming a folder of broker jars to use instead of the cache (e.g. a Kafka tarball's libs/).
 LIBS_ENV = "SENSOR_ANOMALY_KAFKA_LIBS"
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_DIR = REPO_ROOT / "deploy" / "kafka"
 FETCH_SCRIPT = DEPLOY_DIR / "fetch-jars.sh"
 
@@ -202,7 +202,7 @@ def ensure_jars(libs_dir: Path | str | None = None, *, fetch: bool = True) -> Pa
     >>> ensure_jars("/nonexistent/libs")
     Traceback (most recent call last):
     ...
-    streams.localkafka.KafkaJarsMissingError: no Kafka broker jars (kafka_2.13-*.jar, log4j-core-*.jar) in ...
+    streams.dev.localkafka.KafkaJarsMissingError: no Kafka broker jars (kafka_2.13-*.jar, log4j-core-*.jar) in ...
     """
     explicit = libs_dir if libs_dir is not None else os.environ.get(LIBS_ENV) or None
     if explicit is not None:
@@ -675,7 +675,7 @@ class LocalKafka:
         if running is not None:
             raise LocalKafkaError(
                 f"a broker is already running on {self.data_dir} (pid {running}); stop it first: "
-                f"python -m streams.localkafka down --data-dir {self.data_dir}"
+                f"python -m streams.dev.localkafka down --data-dir {self.data_dir}"
             )
         libs = ensure_jars(self._libs_dir, fetch=self.fetch_jars)
         major = _java_major_version(self.java)
@@ -948,14 +948,14 @@ def _default_cli_data_dir() -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m streams.localkafka up|down|status``; returns the exit code.
+    """``python -m streams.dev.localkafka up|down|status``; returns the exit code.
 
     ``up`` starts a detached broker (or finds the one already running) and prints its bootstrap
-    address alone on stdout, so ``export KAFKA_BOOTSTRAP_SERVERS=$(python -m streams.localkafka up)``
+    address alone on stdout, so ``export KAFKA_BOOTSTRAP_SERVERS=$(python -m streams.dev.localkafka up)``
     works. ``status`` exits 0 when the broker answers, 1 when it is stopped, 2 when the process runs
     but does not answer. ``down`` stops it.
     """
-    parser = argparse.ArgumentParser(prog="python -m streams.localkafka", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m streams.dev.localkafka", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["up", "down", "status"])
     parser.add_argument("--data-dir", type=Path, default=_default_cli_data_dir(), help="default: %(default)s")
     parser.add_argument("--port", type=int, default=None, help="client port (default: as last time, else free)")

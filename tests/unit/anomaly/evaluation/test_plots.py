@@ -1,4 +1,4 @@
-"""Plots (anomaly/plots.py): PNGs are written headless, with windows, threshold and detections drawn."""
+"""Plots (anomaly/evaluation/plots.py): PNGs are written headless, with windows, threshold and detections drawn."""
 
 import numpy as np
 import pandas as pd
@@ -6,7 +6,7 @@ import pytest
 from matplotlib.patches import Polygon, Rectangle
 
 from anomaly.errors import DataError
-from anomaly.plots import SeriesPlot, plot_file, plot_grid, save_grid, save_plot
+from anomaly.evaluation.plots import SeriesPlot, plot_file, plot_grid, save_grid, save_plot
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

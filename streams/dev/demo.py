@@ -30,10 +30,10 @@ from anomaly.synthetic import AnomalyRecord, FleetSpec, simulate_fleet
 from anomaly.training import fit
 from streams.codec import decode_event
 from streams.config import ServiceConfig
-from streams.localkafka import LocalKafka
+from streams.dev.localkafka import LocalKafka
+from streams.dev.simulator import run_simulator
 from streams.metrics import MetricsServer, ServiceMetrics
 from streams.processor import StreamProcessor
-from streams.simulator import run_simulator
 
 __all__ = ["DemoOptions", "run_demo"]
 

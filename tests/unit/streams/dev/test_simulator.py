@@ -1,4 +1,4 @@
-"""Unit tests for streams/simulator.py: pacing, windowing, stop conditions and anomaly reporting.
+"""Unit tests for streams/dev/simulator.py: pacing, windowing, stop conditions and anomaly reporting.
 
 No broker here: an in-process collaborator stands in for the producer and a fake clock for time, so
 these tests check the simulator's own logic (what it sends, in which order, how fast by its clock).
@@ -17,8 +17,8 @@ import pytest
 
 from anomaly.synthetic import FleetSpec, FleetStream, InjectedAnomaly, simulate_fleet
 from streams.codec import decode_records
+from streams.dev.simulator import TokenBucket, run_simulator
 from streams.errors import ConfigError
-from streams.simulator import TokenBucket, run_simulator
 
 START_MS = 1_718_000_000_000
 FEATURES = ["temp", "vibration", "current", "pressure"]
@@ -167,7 +167,7 @@ def test_anomalies_are_logged_reported_and_summarised(caplog):
                  InjectedAnomaly("dev-00003", "spike", 6, 2, ("current",)),  # tick 6 is generated, not sent
                  InjectedAnomaly("dev-00000", "stuck", 40, 5, ("pressure",))]  # never reached
     producer = FakeProducer()
-    with caplog.at_level(logging.INFO, logger="streams.simulator"):
+    with caplog.at_level(logging.INFO, logger="streams.dev.simulator"):
         summary = run_simulator(spec, producer_factory=lambda: producer, rate_per_s=None, max_readings=26,
                                 anomalies=anomalies, on_anomaly=seen.append)
     assert [(r.device_id, r.kind, r.start_step) for r in seen] == [("dev-00001", "level_shift", 2),
@@ -204,7 +204,7 @@ def test_stop_event_ends_the_run_and_still_flushes():
 
 def test_send_errors_are_counted(caplog):
     producer = FakeProducer(fail_every=4)
-    with caplog.at_level(logging.WARNING, logger="streams.simulator"):
+    with caplog.at_level(logging.WARNING, logger="streams.dev.simulator"):
         summary = run_simulator(_spec(), producer_factory=lambda: producer, rate_per_s=None, max_readings=20)
     assert summary.send_errors == 5
     assert sum("delivery to" in r.getMessage() for r in caplog.records) == 1

@@ -1,4 +1,4 @@
-"""streams.changelog without a broker: record formats, and restore rules against an in-process log.
+"""streams.state.changelog without a broker: record formats, and restore rules against an in-process log.
 
 The fake consumer below replays a list of (partition, key, value) records the way a group-less
 KafkaConsumer assigned to those partitions would; it is not a broker, and the behaviour that needs
@@ -16,7 +16,7 @@ from kafka import TopicPartition
 
 from anomaly.snapshots import encode_states
 from anomaly.state import DeviceStateStore
-from streams.changelog import (
+from streams.state.changelog import (
     MARKER_KEY,
     ChangelogRecordError,
     bucket_key,

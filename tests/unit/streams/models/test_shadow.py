@@ -19,7 +19,7 @@ from streams.codec import decode_event
 from streams.config import ServiceConfig
 from streams.errors import ConfigError
 from streams.metrics import ServiceMetrics
-from streams.shadow import ShadowScorer, match_starts
+from streams.models.shadow import ShadowScorer, match_starts
 from tests.unit.streams.fleet import ANOMALIES, FLEET, decoded_batches, stream_frame, trained
 
 
@@ -123,7 +123,7 @@ def test_a_failing_shadow_turns_itself_off_without_touching_the_live_path(monkey
 
     monkeypatch.setattr(shadow.detector, "process", explode)
     batches = decoded_batches(stream_frame())[:2]
-    with caplog.at_level(logging.ERROR, logger="streams.shadow"):
+    with caplog.at_level(logging.ERROR, logger="streams.models.shadow"):
         for decoded in batches:
             result = live.process(decoded.batch)
             assert shadow.process(decoded, result) == []

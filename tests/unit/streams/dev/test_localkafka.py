@@ -1,4 +1,4 @@
-"""Unit tests for streams/localkafka.py: config rendering, ports, prerequisites, pid safety, CLI.
+"""Unit tests for streams/dev/localkafka.py: config rendering, ports, prerequisites, pid safety, CLI.
 
 No broker is started here (that is tests/integration/test_broker.py); where a test needs Java to
 "exist", a tiny fake ``java`` script prints a version and nothing more is launched.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from streams import localkafka
-from streams.localkafka import (
+from streams.dev import localkafka
+from streams.dev.localkafka import (
     DEPLOY_DIR,
     KAFKA_VERSION,
     KafkaJarsMissingError,

@@ -1,4 +1,4 @@
-"""NAB scoring (anomaly/evaluate.py) against hand-computed cases, an independent brute-force
+"""NAB scoring (anomaly/evaluation/scorers.py) against hand-computed cases, an independent brute-force
 oracle and the real NAB corpus; SKAB's pooled F1/FAR/MAR on a worked example.
 
 Hand values use the identity ``scaledSigmoid(x) = 2 * sigmoid(-5x) - 1 = tanh(-5x / 2)``, so they do
@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from anomaly.errors import DataError
-from anomaly.evaluate import (
+from anomaly.evaluation.scorers import (
     MAX_TP,
     NAB_PROFILES,
     CostMatrix,
@@ -28,7 +28,7 @@ from anomaly.evaluate import (
 )
 
 # the benchmark data sits beside the checkout (../shared/data), in CI too
-DATA = Path(os.environ.get("SENSOR_ANOMALY_DATA", Path(__file__).resolve().parents[3].parent / "shared" / "data"))
+DATA = Path(os.environ.get("SENSOR_ANOMALY_DATA", Path(__file__).resolve().parents[4].parent / "shared" / "data"))
 STD = NAB_PROFILES["standard"]
 TS = pd.date_range("2024-01-01", periods=100, freq="5min")
 WINDOW = {"a.csv": [(TS[50], TS[59])]}
@@ -293,7 +293,7 @@ def test_bad_inputs_raise_data_errors_naming_the_problem():
 
 @pytest.fixture(scope="module")
 def nab_files():
-    from anomaly.datasets import load_nab
+    from anomaly.evaluation.datasets import load_nab
 
     root = DATA / "nab"
     if not (root / "data").is_dir():
@@ -302,7 +302,7 @@ def nab_files():
 
 
 def test_real_corpus_perfect_detector_scores_100_and_null_0(nab_files):
-    from anomaly.datasets import nab_windows
+    from anomaly.evaluation.datasets import nab_windows
 
     windows = nab_windows(nab_files)
     perfect, null = {}, {}
@@ -321,7 +321,7 @@ def test_real_corpus_perfect_detector_scores_100_and_null_0(nab_files):
 
 
 def test_real_corpus_random_scores_sweep_is_consistent(nab_files):
-    from anomaly.datasets import nab_windows
+    from anomaly.evaluation.datasets import nab_windows
 
     rng = np.random.default_rng(0)
     results = {f.key: pd.DataFrame({"timestamp": f.frame["timestamp"], "anomaly_score": rng.random(len(f.frame))})

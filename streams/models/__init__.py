@@ -1,0 +1,1 @@
+"""Model lifecycle in the service: watching the registry for hot reloads, and shadow scoring."""

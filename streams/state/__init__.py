@@ -1,0 +1,1 @@
+"""Per-device state beside Kafka: the compacted changelog's encoding and restore."""
