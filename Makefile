@@ -8,9 +8,10 @@ export PYTHONUNBUFFERED := 1
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-setup: ## create/reuse the Python environment, fetch the Kafka jars
+setup: ## create/reuse the Python environment, fetch the Kafka jars, install Prometheus (for the e2e tests)
 	@scripts/venv.sh >/dev/null
 	@deploy/kafka/fetch-jars.sh >/dev/null
+	@scripts/install-prometheus.sh >/dev/null
 
 demo: setup ## run the whole pipeline locally (DEMO_SECONDS=N to stop by itself)
 	$(PY) -m streams.cli demo

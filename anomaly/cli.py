@@ -6,23 +6,28 @@ service's commands (``serve``, ``simulate``, ``demo``, ``export``) to the parser
 
 Every failure caused by the user's input (a bad flag, a missing column, a corrupt bundle) ends
 with exit code 2 and a one-line ``sensor-anomaly: error: ...`` message.
+
+What it must not do: import torch, pandas or :mod:`anomaly.evaluation` at module level. ``--help`` and
+``serve`` pay only for what they run; a command's heavy imports happen inside its handler, and
+``evaluate``'s flags are added by :func:`add_lazy_command` when ``evaluate`` is the command given.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from anomaly.errors import AnomalyError
-from anomaly.evaluation.runs import add_evaluate_command
 
-__all__ = ["Command", "build_parser", "main", "run"]
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["Command", "add_lazy_command", "build_parser", "main", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +46,35 @@ class _Parser(argparse.ArgumentParser):
     command's flag errors look alike: ``sensor-anomaly train: error: ... (see --help)``.
     """
 
+    populate: str | None = None  # "module:function" that adds this parser's arguments on first use
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        if self.populate is not None:
+            module, function = self.populate.split(":")
+            self.populate = None
+            getattr(importlib.import_module(module), function)(self)
+        return super().parse_known_args(args, namespace)
+
+
+def add_lazy_command(sub: argparse._SubParsersAction, name: str, populate: str,  # type: ignore[type-arg]
+                     help: str, description: str) -> argparse.ArgumentParser:
+    """Register command ``name`` whose flags ``populate`` ("module:function") adds when it is parsed.
+
+    The top-level ``--help`` lists the command from ``help`` alone, so the module that defines its
+    flags and handler (and what that module imports) is loaded only when the command is run or its
+    own ``--help`` is asked for.
+
+    >>> parser, sub = build_parser()
+    >>> args = parser.parse_args(["evaluate", "nab", "--data", "nab", "--out", "res"])
+    >>> args.benchmark, args.detector, str(args.out)
+    ('nab', 'ours', 'res')
+    """
+    parser = sub.add_parser(name, help=help, description=description)
+    parser.populate = populate
+    return parser
 
 
 def _one_line(text: object) -> str:
@@ -82,6 +114,8 @@ def _looks_numeric(column: pd.Series) -> bool:
     The second case keeps a column with a few typos among the features, so training stops at the
     bad cell with a message naming it instead of silently leaving the column out.
     """
+    import pandas as pd
+
     if pd.api.types.is_bool_dtype(column.dtype):
         return False
     if pd.api.types.is_numeric_dtype(column.dtype):
@@ -188,7 +222,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     score.add_argument("--time-col", help="timestamp column (default: the one the model was trained with)")
     score.add_argument("--device-col", help="device id column (default: the one the model was trained with)")
     score.set_defaults(func=_cmd_score)
-    add_evaluate_command(sub)
+    add_lazy_command(sub, "evaluate", "anomaly.evaluation.runs:add_evaluate_arguments",
+                     help="detection quality on the NAB or SKAB benchmark",
+                     description="Train and stream every file of a benchmark through the detector, write per-row "
+                                 "results and plots, and print the benchmark's scores.")
     return parser, sub
 
 

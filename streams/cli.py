@@ -4,11 +4,16 @@ Why it exists here and not in ``anomaly.cli``: these commands talk to Kafka and 
 the core must never import. This module adds them to the parser ``anomaly.cli`` builds, so there
 is one command with one set of conventions: ``--help`` everywhere, exit code 2 and one line on
 stderr for bad flags, settings or data.
+
+What it must not do: import torch, Kafka clients or the development tools (``streams.dev``) at
+module level; each command imports what it runs, and ``simulate``/``demo`` fail with one line where
+``streams.dev`` is not installed (the container image).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -45,9 +50,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return run_service(config)
 
 
+def _dev_module(name: str) -> Any:
+    """``streams.dev.<name>``, or a ``StreamsError`` saying why the development tools are missing."""
+    try:
+        return importlib.import_module(f"streams.dev.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("streams.dev", f"streams.dev.{name}"):
+            raise
+        raise StreamsError(f"{name} is a development tool and this installation leaves out streams.dev (the "
+                           f"container image does); run it from a source checkout") from None
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from anomaly.synthetic import FleetSpec
-    from streams.dev.simulator import run_simulator
+
+    run_simulator = _dev_module("simulator").run_simulator
 
     spec = FleetSpec(n_devices=args.devices, seed=args.seed, interval_ms=args.interval_ms,
                      start_ms=None if args.start_ms is None else args.start_ms,
@@ -63,10 +80,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from streams.dev.demo import DemoOptions, run_demo
-
-    return run_demo(DemoOptions(seconds=args.seconds, devices=args.devices, rate=args.rate, workdir=args.workdir,
-                                metrics_port=args.metrics_port, anomaly_rate=args.anomaly_rate))
+    demo = _dev_module("demo")
+    return demo.run_demo(demo.DemoOptions(seconds=args.seconds, devices=args.devices, rate=args.rate,
+                                          workdir=args.workdir, metrics_port=args.metrics_port,
+                                          anomaly_rate=args.anomaly_rate))
 
 
 def _nonneg_float(text: str) -> float:
@@ -146,9 +163,12 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     demo.add_argument("--metrics-port", type=_port, default=9400, help="metrics port (default: 9400; 0 = any)")
     demo.set_defaults(func=_cmd_demo)
 
-    from streams.export import add_export_command
-
-    add_export_command(sub)
+    core_cli.add_lazy_command(
+        sub, "export", "streams.export:add_export_arguments",
+        help="export a time range of a topic to a Parquet/CSV table (for notebooks)",
+        description="Read the records of a topic whose Kafka timestamps lie in [since, until) (found with "
+                    "offsets_for_times) into one tidy table: device_id, ts (epoch ms), one column per feature. "
+                    "Bad messages are skipped and counted. Exit code 1 if a partition could not be read to its end.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

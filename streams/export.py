@@ -50,7 +50,7 @@ from streams.errors import CodecError, StreamsError
 __all__ = [
     "ExportError",
     "ExportSummary",
-    "add_export_command",
+    "add_export_arguments",
     "events_frame",
     "export_topic",
     "parse_time",
@@ -401,13 +401,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 1 if summary.incomplete_partitions else 0
 
 
-def add_export_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register ``export`` on the ``sensor-anomaly`` subparsers."""
-    export = sub.add_parser(
-        "export", help="export a time range of a topic to a Parquet/CSV table (for notebooks)",
-        description="Read the records of a topic whose Kafka timestamps lie in [since, until) (found with "
-                    "offsets_for_times) into one tidy table: device_id, ts (epoch ms), one column per feature. "
-                    "Bad messages are skipped and counted. Exit code 1 if a partition could not be read to its end.")
+def add_export_arguments(export: argparse.ArgumentParser) -> None:
+    """Add ``export``'s flags to its parser (``streams.cli`` registers the command lazily)."""
     export.add_argument("--bootstrap", help="Kafka bootstrap servers host:port[,...] (or KAFKA_BOOTSTRAP_SERVERS)")
     export.add_argument("--topic", default="sensor.readings", help="topic to read (default: sensor.readings)")
     export.add_argument("--since", help="start, inclusive: ISO-8601, epoch ms, 'now' or a relative time written "

@@ -34,7 +34,7 @@ import argparse
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,7 +75,7 @@ __all__ = [
     "EvalSettings",
     "NabRun",
     "SkabRun",
-    "add_evaluate_command",
+    "add_evaluate_arguments",
     "label_windows",
     "run_nab",
     "run_skab",
@@ -562,19 +562,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_evaluate_command(subparsers: Any, handler: Callable[[argparse.Namespace], int] | None = None) -> None:
-    """Register ``evaluate nab`` and ``evaluate skab`` on a parser's subcommands.
+def add_evaluate_arguments(evaluate: argparse.ArgumentParser) -> None:
+    """Add ``nab`` and ``skab`` under the ``evaluate`` command (``anomaly.cli`` registers it lazily).
 
-    >>> parser = argparse.ArgumentParser(prog="sensor-anomaly")
-    >>> add_evaluate_command(parser.add_subparsers(dest="command"))
-    >>> args = parser.parse_args(["evaluate", "nab", "--data", "nab", "--out", "res"])
+    >>> evaluate = argparse.ArgumentParser(prog="sensor-anomaly evaluate")
+    >>> add_evaluate_arguments(evaluate)
+    >>> args = evaluate.parse_args(["skab", "--data", "skab", "--out", "res", "--detector", "river-hst"])
     >>> args.benchmark, args.detector, str(args.out)
-    ('nab', 'ours', 'res')
+    ('skab', 'river-hst', 'res')
     """
-    evaluate = subparsers.add_parser(
-        "evaluate", help="detection quality on the NAB or SKAB benchmark",
-        description="Train and stream every file of a benchmark through the detector, write per-row results "
-                    "and plots, and print the benchmark's scores.")
     benchmarks = evaluate.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     helps = {
         "nab": ("the Numenta Anomaly Benchmark: data/<category>/*.csv, labels/combined_windows.json",
@@ -591,4 +587,4 @@ def add_evaluate_command(subparsers: Any, handler: Callable[[argparse.Namespace]
         cmd.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
         cmd.add_argument("--no-plots", action="store_true", help="write no PNG per file")
         cmd.add_argument("--quiet", action="store_true", help="no progress bar")
-        cmd.set_defaults(func=handler or _cmd_evaluate)
+        cmd.set_defaults(func=_cmd_evaluate)

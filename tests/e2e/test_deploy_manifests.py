@@ -188,6 +188,8 @@ def test_dockerignore_keeps_exactly_what_the_build_copies() -> None:
     assert copied and set(copied) <= allowed, f"COPY sources {copied} not all let in by .dockerignore {allowed}"
     for src in copied:
         assert (ROOT / src).exists(), src
+    # the development tools (local broker, simulator, demo) are kept out of the image
+    assert "streams/dev/" in patterns[patterns.index("!streams/") + 1:]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from anomaly.adaptation import NoveltyConfig
 from anomaly.cli import build_parser, run
 from anomaly.errors import DataError
 from anomaly.evaluation.datasets import SKAB_FEATURES
-from anomaly.evaluation.runs import EvalSettings, add_evaluate_command, format_nab, format_skab, run_nab, run_skab
+from anomaly.evaluation.runs import EvalSettings, format_nab, format_skab, run_nab, run_skab
 
 pytest.importorskip("river")
 
@@ -152,10 +152,7 @@ def test_missing_roots_and_unknown_detectors_are_errors(tmp_path: Path) -> None:
 
 
 def _parser():
-    parser, sub = build_parser()
-    if "evaluate" not in sub.choices:
-        add_evaluate_command(sub)
-    return parser
+    return build_parser()[0]
 
 
 def test_evaluate_command_runs_a_benchmark_and_prints_its_scores(skab_root: Path, tmp_path: Path,
