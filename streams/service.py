@@ -18,7 +18,8 @@ from anomaly.bundle import ModelBundle
 from anomaly.registry import load_model_dir
 from streams.config import ServiceConfig
 from streams.errors import BrokerUnavailableError
-from streams.metrics import MetricsServer, ServiceMetrics
+from streams.http import MetricsServer
+from streams.metrics import ServiceMetrics
 from streams.processor import StreamProcessor, run_until_signalled
 
 __all__ = ["load_model", "run_service"]

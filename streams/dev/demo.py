@@ -32,7 +32,8 @@ from streams.codec import decode_event
 from streams.config import ServiceConfig
 from streams.dev.localkafka import LocalKafka
 from streams.dev.simulator import run_simulator
-from streams.metrics import MetricsServer, ServiceMetrics
+from streams.http import MetricsServer
+from streams.metrics import ServiceMetrics
 from streams.processor import StreamProcessor
 
 __all__ = ["DemoOptions", "run_demo"]
