@@ -1,20 +1,19 @@
 """The byte format of device state: many devices' memory in one checksummed, column-wise blob.
 
 Why it exists: state must leave the process (the service's changelog, a checkpoint, a test) and come
-back bit-exact, and the service writes thousands of devices at every commit. Encoding device by
-device cost ~9 µs of Python each (a struct per device); this format stores each field of
-:class:`~anomaly.state.DeviceStateStore` as one little-endian array over the devices, so encoding
-and decoding are a handful of numpy copies whatever the count. A blob holds any number of devices
-(one for :meth:`DeviceStateStore.snapshot`, a changelog bucket's worth for the service).
+back bit-exact, and the service writes thousands of devices at every commit. This format stores each
+field of :data:`anomaly.state.FIELDS` as one little-endian array over the devices, in that table's
+order, so encoding and decoding are a handful of numpy copies whatever the count. A blob holds any number of devices
+(one for :func:`snapshot`, a changelog bucket's worth for the service).
 
 Layout (little-endian)::
 
     header    b"SABS" | u8 format | u16 L | u32 H | u16 F | u8 A | u8 K | u32 P | u32 n | u16 len(model version)
     model version (UTF-8)
     u16[n] id lengths, then the ids (UTF-8, concatenated)
-    i64[n] last_ts | i64[n] steps | f32[n] smoothed | u8[n] in_episode | i32[n] run_length |
-    i64[n] episode_start | f32[n, L, H] h | f32[n, L, H] c | f32[n, F] last_pred |
-    f32[n, F] last_input | f32[n, F] residual_ratio | i16[n, F] repeat_run
+    one array per row of anomaly.state.FIELDS, in its order: [n], [n, F] or [n, L, H] values
+    (format 2: i64 last_ts | i64 steps | f32 smoothed | u8 in_episode | i32 run_length |
+    i64 episode_start | f32 h | f32 c | f32 last_pred | f32 last_input | f32 residual_ratio | i16 repeat_run)
     if A > 0: f64[n, 2KA + 2F + K] and i64[n, K + 1]: the novelty records, K error channels (anomaly.adaptation)
     if P > 0: f32[n, P, F] the seasonal profile (anomaly.scoring.seasonal_residuals)
     u32 CRC-32 of everything before it
@@ -33,52 +32,44 @@ import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
 
 from anomaly.adaptation import NoveltyRecords
 from anomaly.errors import StateFormatError, StateModelMismatchError
-
-if TYPE_CHECKING:
-    from anomaly.state import DeviceStateStore
+from anomaly.state import FIELDS, DeviceStateStore, StateField
 
 __all__ = ["FORMAT_VERSION", "StateBatch", "check_compatible", "decode_states", "encode_groups", "encode_states",
-           "load_states"]
+           "load_states", "restore", "snapshot"]
 
 MAGIC = b"SABS"
 FORMAT_VERSION = 2
 _HEADER = struct.Struct("<4sBHIHBBIIH")
 _CRC = struct.Struct("<I")
-_SCALARS = (("last_ts", "<i8"), ("steps", "<i8"), ("smoothed", "<f4"), ("in_episode", "u1"),
-            ("run_length", "<i4"), ("episode_start", "<i8"))
-_PER_FEATURE = (("last_pred", "<f4"), ("last_input", "<f4"), ("residual_ratio", "<f4"), ("repeat_run", "<i2"))
 
 
 @dataclass(frozen=True)
 class StateBatch:
-    """Decoded state of ``n`` devices, one array per field (row i is ``device_ids[i]``)."""
+    """Decoded state of ``n`` devices: one array per field of :data:`anomaly.state.FIELDS` (row i is
+    ``device_ids[i]``), read as attributes (``batch.steps`` ``[n]``, ``batch.h`` ``[n, L, H]``,
+    ``batch.last_pred`` ``[n, F]``)."""
 
     model_version: str
     device_ids: list[str]
     num_layers: int
     hidden_size: int
     n_features: int
-    last_ts: np.ndarray  # [n] int64
-    steps: np.ndarray  # [n] int64
-    smoothed: np.ndarray  # [n] float32
-    in_episode: np.ndarray  # [n] bool
-    run_length: np.ndarray  # [n] int32
-    episode_start: np.ndarray  # [n] int64
-    h: np.ndarray  # [n, L, H] float32
-    c: np.ndarray  # [n, L, H] float32
-    last_pred: np.ndarray  # [n, F] float32
-    last_input: np.ndarray  # [n, F] float32
-    residual_ratio: np.ndarray  # [n, F] float32
-    repeat_run: np.ndarray  # [n, F] int16
+    fields: dict[str, np.ndarray]  # name -> [n, *shape per slot], native byte order
     novelty: NoveltyRecords | None = None  # n rows; None: written by a store without novelty records
     season: np.ndarray | None = None  # [n, P, F] float32; None: written by a store without a seasonal period
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["fields"][name]
+        except KeyError:
+            raise AttributeError(f"StateBatch has no field {name!r}") from None
 
     def __len__(self) -> int:
         return len(self.device_ids)
@@ -86,18 +77,49 @@ class StateBatch:
     def select(self, rows: np.ndarray) -> StateBatch:
         """The devices at ``rows`` (a boolean mask or indices)."""
         idx = np.flatnonzero(rows) if rows.dtype == bool else rows
-        arrays = {name: getattr(self, name)[idx] for name, _ in _SCALARS + _PER_FEATURE}
         return StateBatch(model_version=self.model_version, device_ids=[self.device_ids[i] for i in idx.tolist()],
                           num_layers=self.num_layers, hidden_size=self.hidden_size, n_features=self.n_features,
-                          h=self.h[idx], c=self.c[idx],
+                          fields={name: array[idx] for name, array in self.fields.items()},
                           novelty=None if self.novelty is None else self.novelty.take(idx),
-                          season=None if self.season is None else self.season[idx], **arrays)
+                          season=None if self.season is None else self.season[idx])
+
+
+def _gather(store: DeviceStateStore, spec: StateField, slots: np.ndarray) -> np.ndarray:
+    """``spec``'s values of ``slots`` as ``[n, *shape per slot]`` in the snapshot's dtype."""
+    if spec.width == "hidden":
+        slab = getattr(store, spec.name).index_select(1, torch.as_tensor(slots, dtype=torch.long))
+        return slab.permute(1, 0, 2).contiguous().numpy().astype(spec.wire_dtype, copy=False)
+    return np.ascontiguousarray(getattr(store, spec.name)[slots], dtype=spec.wire_dtype)
+
+
+def snapshot(store: DeviceStateStore, device_id: str) -> bytes:
+    """One device's state as bytes: versioned, checksummed, carrying the model version.
+
+    >>> store = DeviceStateStore(num_layers=1, hidden_size=4, n_features=2, model_version="v1")
+    >>> store.steps[store.slots_for(np.array(["a", "b"], dtype=object))[1]] = 7
+    >>> other = DeviceStateStore(num_layers=1, hidden_size=4, n_features=2, model_version="v1")
+    >>> restore(other, snapshot(store, "b")), int(other.steps[other.slot_of("b")])
+    ('b', 7)
+    """
+    return encode_states(store, [device_id])
+
+
+def restore(store: DeviceStateStore, data: bytes) -> str:
+    """Load the state of one device into ``store`` (overwriting it); returns the device id.
+
+    Raises :class:`StateFormatError` for garbage or a blob of several devices and
+    :class:`StateModelMismatchError` for state of another model version or shape.
+    """
+    batch = decode_states(data)
+    if len(batch) != 1:
+        raise StateFormatError(f"expected the state of one device, got {len(batch)}")
+    load_states(store, batch)
+    return batch.device_ids[0]
 
 
 def encode_states(store: DeviceStateStore, device_ids: Sequence[str]) -> bytes:
     """The state of ``device_ids`` (all in ``store``) as one blob; ``KeyError`` for an unknown device.
 
-    >>> from anomaly.state import DeviceStateStore
     >>> store = DeviceStateStore(num_layers=1, hidden_size=2, n_features=1, model_version="v1")
     >>> _ = store.slots_for(np.array(["a", "b"], dtype=object))
     >>> decode_states(encode_states(store, ["b", "a"])).device_ids
@@ -120,11 +142,7 @@ def encode_groups(store: DeviceStateStore, groups: Sequence[Sequence[str]]) -> l
     alphas = store.novelty.n_alphas if store.novelty is not None else 0
     channels = store.novelty.n_channels if store.novelty is not None else 0
     period = store.season.shape[1] if store.season is not None else 0
-    idx = torch.as_tensor(slots, dtype=torch.long)
-    columns = [np.ascontiguousarray(getattr(store, name)[slots], dtype=dtype) for name, dtype in _SCALARS]
-    columns += [store.h.index_select(1, idx).permute(1, 0, 2).contiguous().numpy().astype("<f4", copy=False),
-                store.c.index_select(1, idx).permute(1, 0, 2).contiguous().numpy().astype("<f4", copy=False)]
-    columns += [np.ascontiguousarray(getattr(store, name)[slots], dtype=dtype) for name, dtype in _PER_FEATURE]
+    columns = [_gather(store, spec, slots) for spec in FIELDS]
     if store.novelty is not None:
         floats, ints = store.novelty.take(slots).to_arrays()
         columns += [floats.astype("<f8"), ints.astype("<i8")]
@@ -191,10 +209,11 @@ def decode_states(data: bytes | bytearray | memoryview) -> StateBatch:
         raise StateFormatError(f"state blob has a non-UTF-8 id: {exc}") from exc
     if any(not d for d in device_ids):
         raise StateFormatError("state blob has an empty device id")
-    scalars = {name: take(n, dtype, (n,)) for name, dtype in _SCALARS}
-    h = take(n * layers * hidden, "<f4", (n, layers, hidden))
-    c = take(n * layers * hidden, "<f4", (n, layers, hidden))
-    per_feature = {name: take(n * feats, dtype, (n, feats)) for name, dtype in _PER_FEATURE}
+    shapes = {"one": (), "features": (feats,), "hidden": (layers, hidden)}
+    fields = {}
+    for spec in FIELDS:
+        shape = (n, *shapes[spec.width])
+        fields[spec.name] = take(int(np.prod(shape)), spec.wire_dtype, shape).astype(spec.dtype, copy=False)
     novelty = None
     if alphas:
         k = 2 * channels * alphas + 2 * feats + channels
@@ -203,9 +222,8 @@ def decode_states(data: bytes | bytearray | memoryview) -> StateBatch:
     season = take(n * period * feats, "<f4", (n, period, feats)) if period else None
     if pos != len(body):
         raise StateFormatError("state blob length does not match its header")
-    scalars["in_episode"] = scalars["in_episode"].astype(bool)
     return StateBatch(model_version=version, device_ids=device_ids, num_layers=layers, hidden_size=hidden,
-                      n_features=feats, h=h, c=c, novelty=novelty, season=season, **scalars, **per_feature)
+                      n_features=feats, fields=fields, novelty=novelty, season=season)
 
 
 def check_compatible(store: DeviceStateStore, batch: StateBatch) -> None:
@@ -232,10 +250,12 @@ def load_states(store: DeviceStateStore, batch: StateBatch) -> None:
         return
     slots = store.slots_for(np.array(batch.device_ids, dtype=object))
     idx = torch.as_tensor(slots, dtype=torch.long)
-    store.h[:, idx] = torch.from_numpy(np.ascontiguousarray(batch.h.transpose(1, 0, 2)))
-    store.c[:, idx] = torch.from_numpy(np.ascontiguousarray(batch.c.transpose(1, 0, 2)))
-    for name, _ in _SCALARS + _PER_FEATURE:
-        getattr(store, name)[slots] = getattr(batch, name)
+    for spec in FIELDS:
+        values = batch.fields[spec.name]
+        if spec.width == "hidden":
+            getattr(store, spec.name)[:, idx] = torch.from_numpy(np.ascontiguousarray(values.transpose(1, 0, 2)))
+        else:
+            getattr(store, spec.name)[slots] = values
     if store.novelty is not None:
         rec = batch.novelty
         if rec is not None and (rec.n_alphas, rec.n_channels) == (store.novelty.n_alphas, store.novelty.n_channels):

@@ -7,8 +7,13 @@ per device in Python. State lives in preallocated slabs addressed by slot: ``h``
 The detector gathers the slots of a batch with one index tensor, runs one forward pass and
 scatters the result back.
 
+Every per-slot field is one row of :data:`FIELDS` (name, dtype, shape per slot, value of a fresh slot,
+what a reset does): the store allocates, grows, resets and measures from it, and :mod:`anomaly.snapshots`
+encodes and decodes from it, so a new field is one new row.
+
 What it must not do: know about Kafka or partitions (``streams.state.changelog`` maps snapshots to
-topics), or score readings (``anomaly.detector`` does).
+topics), encode bytes (:mod:`anomaly.snapshots` imports this module, never the reverse), or score
+readings (``anomaly.detector`` does).
 
 Memory: ``2·L·H·4`` bytes of h/c plus ``14·F + 33`` bytes of scalars per slot, plus the id
 dictionary; a store made for the novelty episode rule (``novelty_alphas`` > 0) adds the novelty records,
@@ -21,20 +26,64 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
 from anomaly.adaptation import NoveltyRecords
-from anomaly.errors import StateFormatError
-from anomaly.snapshots import decode_states, encode_states, load_states
 
-__all__ = ["NO_TIMESTAMP", "DeviceStateStore"]
+__all__ = ["FIELDS", "NO_TIMESTAMP", "DeviceStateStore", "StateField"]
 
 logger = logging.getLogger(__name__)
 
 NO_TIMESTAMP = np.iinfo(np.int64).min
 """``last_ts`` of a slot that has seen no reading yet."""
+
+
+@dataclass(frozen=True)
+class StateField:
+    """One per-slot field of :class:`DeviceStateStore` (and one column of a snapshot).
+
+    Attributes
+    ----------
+    name : the store's attribute.
+    dtype : the dtype in memory; a snapshot writes it little-endian (:attr:`wire_dtype`).
+    width : the shape per slot: ``"one"`` (a scalar), ``"features"`` (``[F]``) or ``"hidden"`` (``[L, H]``:
+        the LSTM state, a torch slab ``[L, C, H]`` in the store).
+    fill : the value of a new slot.
+    on_reset : what :meth:`DeviceStateStore.reset` does: ``"fill"`` refills it, ``"episode"`` refills it
+        unless the reset keeps the episode (a gap under the novelty rule), ``"keep"`` leaves it.
+    """
+
+    name: str
+    dtype: str
+    width: Literal["one", "features", "hidden"]
+    fill: float | int | bool
+    on_reset: Literal["fill", "episode", "keep"] = "fill"
+
+    @property
+    def wire_dtype(self) -> str:
+        """The dtype in a snapshot: little-endian, a bool as one byte."""
+        return "u1" if self.dtype == "bool" else np.dtype(self.dtype).newbyteorder("<").str
+
+
+FIELDS: tuple[StateField, ...] = (
+    StateField("last_ts", "int64", "one", NO_TIMESTAMP, "keep"),
+    StateField("steps", "int64", "one", 0),
+    StateField("smoothed", "float32", "one", 0.0),
+    StateField("in_episode", "bool", "one", False, "episode"),
+    StateField("run_length", "int32", "one", 0, "episode"),
+    StateField("episode_start", "int64", "one", 0, "episode"),
+    StateField("h", "float32", "hidden", 0.0),
+    StateField("c", "float32", "hidden", 0.0),
+    StateField("last_pred", "float32", "features", 0.0),
+    StateField("last_input", "float32", "features", 0.0),
+    StateField("residual_ratio", "float32", "features", 1.0),
+    StateField("repeat_run", "int16", "features", 0),
+)
+"""Every per-slot field, in snapshot order (the novelty records and seasonal profile, optional, follow)."""
 
 
 class DeviceStateStore:
@@ -71,16 +120,16 @@ class DeviceStateStore:
     :func:`anomaly.scoring.seasonal_residuals`), or ``None`` unless ``seasonal_period`` > 0. Indexed by
     time phase, so a gap reset keeps it, like the novelty records.
 
+    Snapshots (bytes) are :mod:`anomaly.snapshots`'s job.
+
     Examples
     --------
     >>> store = DeviceStateStore(num_layers=1, hidden_size=4, n_features=2, model_version="v1")
     >>> store.slots_for(np.array(["a", "b"], dtype=object)).tolist()
     [0, 1]
     >>> store.steps[1] = 7
-    >>> blob = store.snapshot("b")
-    >>> other = DeviceStateStore(num_layers=1, hidden_size=4, n_features=2, model_version="v1")
-    >>> other.restore(blob), int(other.steps[other.slot_of("b")])
-    ('b', 7)
+    >>> int(store.steps[store.slot_of("b")]), int(store.steps[store.slots_for(np.array(["c"], dtype=object))[0]])
+    (7, 0)
     """
 
     def __init__(self, num_layers: int, hidden_size: int, n_features: int, model_version: str = "",
@@ -96,18 +145,9 @@ class DeviceStateStore:
         self._free: list[int] = []
         self._last_lookup: tuple[np.ndarray, np.ndarray] | None = None  # (device ids, their slots); see slots_for
         self.capacity = 0
-        self.h = torch.zeros(num_layers, 0, hidden_size)
-        self.c = torch.zeros(num_layers, 0, hidden_size)
-        self.last_ts = np.empty(0, dtype=np.int64)
-        self.steps = np.empty(0, dtype=np.int64)
-        self.smoothed = np.empty(0, dtype=np.float32)
-        self.in_episode = np.empty(0, dtype=bool)
-        self.run_length = np.empty(0, dtype=np.int32)
-        self.episode_start = np.empty(0, dtype=np.int64)
-        self.last_pred = np.empty((0, n_features), dtype=np.float32)
-        self.last_input = np.empty((0, n_features), dtype=np.float32)
-        self.residual_ratio = np.empty((0, n_features), dtype=np.float32)
-        self.repeat_run = np.empty((0, n_features), dtype=np.int16)
+        self.h = self.c = torch.zeros(num_layers, 0, hidden_size)  # typed here; allocated from FIELDS below
+        for spec in FIELDS:
+            setattr(self, spec.name, self._allocate(spec, 0))
         if not 0 <= novelty_alphas <= 255:
             raise ValueError(f"novelty_alphas must be in [0, 255], got {novelty_alphas}")
         if seasonal_period < 0 or (seasonal_period and not novelty_alphas):
@@ -175,28 +215,31 @@ class DeviceStateStore:
             self._last_lookup = (device_ids.copy(), slots.copy())
         return slots
 
+    def width_shape(self, spec: StateField) -> tuple[int, ...]:
+        """The shape of ``spec`` per slot: ``()``, ``(F,)`` or ``(L, H)``."""
+        return {"one": (), "features": (self.n_features,),
+                "hidden": (self.num_layers, self.hidden_size)}[spec.width]
+
+    def _allocate(self, spec: StateField, capacity: int) -> np.ndarray | torch.Tensor:
+        """``spec``'s slab for ``capacity`` slots, every slot at its fill value."""
+        if spec.width == "hidden":
+            return torch.full((self.num_layers, capacity, self.hidden_size), float(spec.fill))
+        return np.full((capacity, *self.width_shape(spec)), spec.fill, dtype=spec.dtype)
+
     def _grow(self, capacity: int) -> None:
         old = self.capacity
         logger.debug("growing state slabs from %d to %d slots", old, capacity)
-
-        def grow_np(a: np.ndarray, fill: object) -> np.ndarray:
-            out = np.empty((capacity, *a.shape[1:]), dtype=a.dtype)
-            out[:old] = a
-            out[old:] = fill
-            return out
-
-        fills: tuple[tuple[str, object], ...] = (
-            ("last_ts", NO_TIMESTAMP), ("steps", 0), ("smoothed", 0.0), ("in_episode", False), ("run_length", 0),
-            ("episode_start", 0), ("last_pred", 0.0), ("last_input", 0.0), ("residual_ratio", 1.0), ("repeat_run", 0))
+        for spec in FIELDS:
+            out = self._allocate(spec, capacity)
+            if spec.width == "hidden":
+                out[:, :old] = getattr(self, spec.name)
+            else:
+                out[:old] = getattr(self, spec.name)
+            setattr(self, spec.name, out)
         if self.season is not None:
-            fills += (("season", np.nan),)
-        for name, fill in fills:
-            setattr(self, name, grow_np(getattr(self, name), fill))
-        for name in ("h", "c"):
-            t = getattr(self, name)
-            out = torch.zeros(self.num_layers, capacity, self.hidden_size)
-            out[:, :old] = t
-            setattr(self, name, out)
+            season = np.full((capacity, *self.season.shape[1:]), np.nan, dtype=np.float32)
+            season[:old] = self.season
+            self.season = season
         if self.novelty is not None:
             self.novelty = self.novelty.grown(capacity)
         self.capacity = capacity
@@ -209,18 +252,13 @@ class DeviceStateStore:
         restarts the network, not the device's history.
         """
         idx = torch.as_tensor(slots, dtype=torch.long)
-        self.h[:, idx] = 0.0
-        self.c[:, idx] = 0.0
-        self.steps[slots] = 0
-        self.smoothed[slots] = 0.0
-        if not keep_novelty:
-            self.in_episode[slots] = False
-            self.run_length[slots] = 0
-            self.episode_start[slots] = 0
-        self.last_pred[slots] = 0.0
-        self.last_input[slots] = 0.0
-        self.residual_ratio[slots] = 1.0
-        self.repeat_run[slots] = 0
+        for spec in FIELDS:
+            if spec.on_reset == "keep" or (spec.on_reset == "episode" and keep_novelty):
+                continue
+            if spec.width == "hidden":
+                getattr(self, spec.name)[:, idx] = float(spec.fill)
+            else:
+                getattr(self, spec.name)[slots] = spec.fill
         if self.novelty is not None and not keep_novelty:
             self.novelty.reset(slots)
         if self.season is not None and not keep_novelty:
@@ -260,29 +298,10 @@ class DeviceStateStore:
 
     def nbytes(self) -> int:
         """Bytes held by the slabs (not counting the id dictionary)."""
-        arrays = (self.last_ts, self.steps, self.smoothed, self.in_episode, self.run_length,
-                  self.episode_start, self.last_pred, self.last_input, self.residual_ratio, self.repeat_run)
+        fields = 0
+        for spec in FIELDS:
+            slab = getattr(self, spec.name)
+            fields += slab.element_size() * slab.nelement() if spec.width == "hidden" else slab.nbytes
         novelty = self.novelty.nbytes() if self.novelty is not None else 0
         season = self.season.nbytes if self.season is not None else 0
-        return (self.h.element_size() * self.h.nelement() * 2) + sum(a.nbytes for a in arrays) + novelty + season
-
-    # -------------------------------------------------------------- snapshots
-    def snapshot(self, device_id: str) -> bytes:
-        """The device's state as bytes: versioned, checksummed, carrying the model version.
-
-        The format is :mod:`anomaly.snapshots` (any number of devices per blob; the service's
-        changelog writes many at once with :func:`anomaly.snapshots.encode_groups`).
-        """
-        return encode_states(self, [device_id])
-
-    def restore(self, data: bytes) -> str:
-        """Load the state of one device (overwriting it); returns the device id.
-
-        Raises :class:`StateFormatError` for garbage and :class:`StateModelMismatchError` for state
-        of another model version or shape.
-        """
-        batch = decode_states(data)
-        if len(batch) != 1:
-            raise StateFormatError(f"expected the state of one device, got {len(batch)}")
-        load_states(self, batch)
-        return batch.device_ids[0]
+        return fields + novelty + season

@@ -1,4 +1,4 @@
-"""DeviceStateStore: slots, growth, eviction, snapshot/restore round trips and garbage rejection."""
+"""DeviceStateStore: slots, growth, eviction, the FIELDS table; snapshot/restore round trips and garbage rejection."""
 
 import struct
 import zlib
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from anomaly.errors import StateFormatError, StateModelMismatchError
-from anomaly.snapshots import decode_states, encode_states, load_states
+from anomaly.snapshots import decode_states, encode_states, load_states, restore, snapshot
 from anomaly.state import NO_TIMESTAMP, DeviceStateStore
 
 
@@ -66,7 +66,7 @@ def test_snapshot_restore_round_trip(device, steps, ts, smoothed, in_ep, run, se
     store.steps[slot], store.last_ts[slot], store.smoothed[slot] = steps, ts, smoothed
     store.in_episode[slot], store.run_length[slot], store.episode_start[slot] = in_ep, run, ts
     other = make_store(capacity=1)
-    assert other.restore(store.snapshot(device)) == device
+    assert restore(other, snapshot(store, device)) == device
     o = other.slot_of(device)
     assert torch.equal(other.h[:, o], store.h[:, slot]) and torch.equal(other.c[:, o], store.c[:, slot])
     for name in ("last_ts", "steps", "smoothed", "in_episode", "run_length", "episode_start", "last_pred",
@@ -78,22 +78,22 @@ def test_snapshot_restore_round_trip(device, steps, ts, smoothed, in_ep, run, se
 @given(st.binary(max_size=300))
 def test_garbage_is_rejected_with_state_format_error(data):
     with pytest.raises(StateFormatError):
-        make_store().restore(data)
+        restore(make_store(), data)
 
 
 def test_corruption_and_mismatch_are_named():
     store = make_store()
     store.slots_for(np.array(["a"], dtype=object))
-    blob = bytearray(store.snapshot("a"))
+    blob = bytearray(snapshot(store, "a"))
     flipped = bytes(blob[:30]) + bytes([blob[30] ^ 0xFF]) + bytes(blob[31:])
     with pytest.raises(StateFormatError, match="checksum"):
-        make_store().restore(flipped)
+        restore(make_store(), flipped)
     with pytest.raises(StateFormatError, match="format version"):
-        make_store().restore(bytes(blob[:4]) + b"\x09" + bytes(blob[5:]))
+        restore(make_store(), bytes(blob[:4]) + b"\x09" + bytes(blob[5:]))
     with pytest.raises(StateModelMismatchError, match="model version 'v1'"):
-        make_store(model_version="v2").restore(bytes(blob))
+        restore(make_store(model_version="v2"), bytes(blob))
     with pytest.raises(StateModelMismatchError, match="H=3"):
-        make_store(hidden_size=4).restore(bytes(blob))
+        restore(make_store(hidden_size=4), bytes(blob))
 
 
 def test_memory_per_device_is_close_to_the_tensors():
@@ -134,35 +134,35 @@ def test_snapshots_without_novelty_records_start_them_empty_and_a_plain_store_ig
     plain = make_store()
     plain.slots_for(np.array(["a"], dtype=object))
     plain.steps[0] = 9
-    blob = plain.snapshot("a")
+    blob = snapshot(plain, "a")
     store = novelty_store()
     store.slots_for(np.array(["a"], dtype=object))
     fill_novelty(store, "a", 0)
-    store.restore(blob)
+    restore(store, blob)
     assert store.novelty.seen[store.slot_of("a")] == 0 and store.steps[store.slot_of("a")] == 9
     # a snapshot with records restores into a plain store, which ignores them
-    assert plain.restore(novelty_store_snapshot()) == "z"
+    assert restore(plain, novelty_store_snapshot()) == "z"
 
 
 def novelty_store_snapshot():
     store = novelty_store()
     store.slots_for(np.array(["z"], dtype=object))
     fill_novelty(store, "z", 2)
-    return store.snapshot("z")
+    return snapshot(store, "z")
 
 
 def test_novelty_records_that_are_cut_short_are_rejected():
     blob = novelty_store_snapshot()
     body = bytearray(blob[:-12])  # drop the last 8 bytes of the records and the checksum
     with pytest.raises(StateFormatError, match="length"):
-        make_store().restore(bytes(body) + struct.pack("<I", zlib.crc32(bytes(body))))
+        restore(make_store(), bytes(body) + struct.pack("<I", zlib.crc32(bytes(body))))
 
 
 def test_restore_takes_the_state_of_exactly_one_device():
     store = make_store()
     store.slots_for(np.array(["a", "b"], dtype=object))
     with pytest.raises(StateFormatError, match="one device, got 2"):
-        make_store().restore(encode_states(store, ["a", "b"]))
+        restore(make_store(), encode_states(store, ["a", "b"]))
 
 
 def test_slot_lookup_memo_is_forgotten_when_a_device_is_removed():
