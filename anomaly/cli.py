@@ -223,7 +223,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     score.add_argument("--device-col", help="device id column (default: the one the model was trained with)")
     score.set_defaults(func=_cmd_score)
     add_lazy_command(sub, "evaluate", "anomaly.evaluation.runs:add_evaluate_arguments",
-                     help="detection quality on the NAB or SKAB benchmark",
+                     help="detection quality on the NAB, SKAB or MSL benchmark",
                      description="Train and stream every file of a benchmark through the detector, write per-row "
                                  "results and plots, and print the benchmark's scores.")
     return parser, sub

@@ -1,4 +1,4 @@
-"""Readers for tables on disk and loaders for the two benchmarks we score against (NAB, SKAB).
+"""Readers for tables on disk and loaders for the benchmarks we score against (NAB, SKAB, MSL).
 
 Why this module exists: training, the CLI and the benchmark scripts all need the same tolerant,
 strict-where-it-matters reading of CSV/Parquet files, and the NAB and SKAB folders have quirks
@@ -17,6 +17,10 @@ Layouts (see the data README):
   ``labels/combined_windows.json`` maps ``"<category>/<file>.csv"`` to ``[[start, end], ...]``.
 - SKAB root: ``data/<group>/<n>.csv`` and ``data/anomaly-free/anomaly-free.csv``, ``;``-separated,
   column ``datetime``, eight sensor columns, and (except anomaly-free) ``anomaly`` and ``changepoint``.
+- MSL root (Telemanom's layout): ``train/<chan>.npy`` and ``test/<chan>.npy`` (``[rows, columns]``,
+  column 0 the telemetry, the others context) and ``labeled_anomalies.csv`` with
+  ``chan_id,spacecraft,anomaly_sequences,...``; ``anomaly_sequences`` is a list of inclusive
+  ``[start, end]`` test-row indices.
 """
 
 from __future__ import annotations
@@ -35,13 +39,16 @@ import pandas as pd
 from anomaly.errors import DataError
 
 __all__ = [
+    "MSL_LABELS",
     "NAB_TIME_FORMAT",
     "SKAB_FEATURES",
     "SKAB_LABEL_COLUMNS",
     "SKAB_TIME_COLUMN",
+    "MslChannel",
     "NabFile",
     "SkabFile",
     "label_segments",
+    "load_msl",
     "load_nab",
     "load_skab",
     "load_skab_anomaly_free",
@@ -72,6 +79,9 @@ SKAB_FEATURES: tuple[str, ...] = (
 
 #: SKAB's inline label columns (written ``0.0``/``1.0`` upstream, loaded as int8).
 SKAB_LABEL_COLUMNS: tuple[str, ...] = ("anomaly", "changepoint")
+
+#: Telemanom's label file, one row per channel.
+MSL_LABELS = "labeled_anomalies.csv"
 
 _CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.zip", ".csv.xz", ".tsv")
 _PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -457,3 +467,91 @@ def load_skab_anomaly_free(root: str | Path) -> pd.DataFrame:
     """
     path = Path(root) / "data" / "anomaly-free" / "anomaly-free.csv"
     return _load_skab_csv(path, labelled=False)
+
+
+# --------------------------------------------------------------------------------------------- MSL
+
+
+@dataclass(frozen=True)
+class MslChannel:
+    """One channel of a Telemanom-layout data set (MSL or SMAP).
+
+    Attributes
+    ----------
+    chan_id : str, e.g. ``"M-6"``; spacecraft : str, e.g. ``"MSL"``.
+    train, test : ``[n_train, C]`` and ``[n_test, C]`` float64; column 0 is the telemetry value, columns
+        1.. are context (commands), in time order; rows have no timestamps (the index is the time step).
+    sequences : labelled anomalies as inclusive ``(start, end)`` test-row indices, in the label file's order
+        (which is not always time order; the event counting depends on it).
+    """
+
+    chan_id: str
+    spacecraft: str
+    train: np.ndarray = field(repr=False)
+    test: np.ndarray = field(repr=False)
+    sequences: tuple[tuple[int, int], ...]
+
+
+def _parse_sequences(text: str, path: Path, chan: str, n_test: int) -> tuple[tuple[int, int], ...]:
+    try:
+        raw = json.loads(text)
+        pairs = tuple((int(a), int(b)) for a, b in raw)
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"{path}: channel {chan}: anomaly_sequences {text!r} is not a list of [start, end]") from exc
+    for a, b in pairs:
+        if not 0 <= a <= b < n_test:
+            raise DataError(f"{path}: channel {chan}: sequence [{a}, {b}] outside its {n_test} test rows")
+    return pairs
+
+
+def load_msl(root: str | Path, channels: tuple[str, ...] | None = None) -> list[MslChannel]:
+    """Load every channel of ``labeled_anomalies.csv`` (or only ``channels``), in the file's order.
+
+    Raises
+    ------
+    DataError
+        The label file or a channel's arrays are missing, arrays are not 2-D with the same columns in
+        train and test, or a sequence lies outside the test rows.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> for part in ("train", "test"):
+    ...     (root / part).mkdir()
+    ...     np.save(root / part / "A-1.npy", np.zeros((20, 3)))
+    >>> _ = (root / MSL_LABELS).write_text('chan_id,spacecraft,anomaly_sequences,class,num_values\\n'
+    ...                                    'A-1,MSL,"[[5, 9]]",[point],20\\n')
+    >>> ch = load_msl(root)[0]
+    >>> ch.chan_id, ch.spacecraft, ch.sequences, ch.test.shape
+    ('A-1', 'MSL', ((5, 9),), (20, 3))
+    """
+    root = Path(root)
+    labels_path = root / MSL_LABELS
+    if not labels_path.is_file():
+        raise DataError(f"MSL label file not found: {labels_path}")
+    labels = pd.read_csv(labels_path, dtype=str)
+    _require_columns(labels, labels_path, ("chan_id", "spacecraft", "anomaly_sequences"))
+    if channels is not None:
+        unknown = sorted(set(channels) - set(labels["chan_id"]))
+        if unknown:
+            raise DataError(f"{labels_path}: no channel(s) {unknown}")
+        labels = labels[labels["chan_id"].isin(channels)]
+    out = []
+    for row in labels.itertuples(index=False):
+        arrays = []
+        for part in ("train", "test"):
+            path = root / part / f"{row.chan_id}.npy"
+            if not path.is_file():
+                raise DataError(f"MSL channel {row.chan_id}: {path} not found")
+            array = np.load(path, allow_pickle=False)
+            if array.ndim != 2 or array.shape[0] == 0:
+                raise DataError(f"{path}: expected a [rows, columns] array, got shape {array.shape}")
+            arrays.append(array.astype(np.float64, copy=False))
+        train, test = arrays
+        if train.shape[1] != test.shape[1]:
+            raise DataError(f"MSL channel {row.chan_id}: train has {train.shape[1]} columns, test {test.shape[1]}")
+        out.append(MslChannel(row.chan_id, row.spacecraft, train, test,
+                              _parse_sequences(row.anomaly_sequences, labels_path, row.chan_id, len(test))))
+    logger.info("loaded %d MSL channels (%d test rows) from %s", len(out), sum(len(c.test) for c in out), root)
+    return out

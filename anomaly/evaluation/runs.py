@@ -551,7 +551,13 @@ def format_skab(run: SkabRun) -> str:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     settings = EvalSettings(seed=args.seed)
-    if args.benchmark == "nab":
+    if args.benchmark == "msl":
+        from anomaly.evaluation.msl import format_msl, run_msl  # it imports this module
+
+        msl = run_msl(args.data, args.out, args.detector, settings=settings, progress=not args.quiet,
+                      plots=not args.no_plots)
+        print(format_msl(msl))
+    elif args.benchmark == "nab":
         nab = run_nab(args.data, args.out, args.detector, settings=settings, progress=not args.quiet,
                       plots=not args.no_plots)
         print(format_nab(nab))
@@ -563,7 +569,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_evaluate_arguments(evaluate: argparse.ArgumentParser) -> None:
-    """Add ``nab`` and ``skab`` under the ``evaluate`` command (``anomaly.cli`` registers it lazily).
+    """Add ``nab``, ``skab`` and ``msl`` under the ``evaluate`` command (``anomaly.cli`` registers it lazily).
 
     >>> evaluate = argparse.ArgumentParser(prog="sensor-anomaly evaluate")
     >>> add_evaluate_arguments(evaluate)
@@ -577,6 +583,8 @@ def add_evaluate_arguments(evaluate: argparse.ArgumentParser) -> None:
                 "NAB root folder (holds data/ and optionally labels/)"),
         "skab": ("the Skoltech Anomaly Benchmark: data/<group>/<n>.csv (labelled experiments)",
                  "SKAB root folder (holds data/)"),
+        "msl": ("NASA's Curiosity rover telemetry as labelled by Telemanom: train/<chan>.npy, test/<chan>.npy, "
+                "labeled_anomalies.csv", "MSL root folder (Telemanom's layout)"),
     }
     for name, (text, data_help) in helps.items():
         cmd = benchmarks.add_parser(name, help=text, description=f"Evaluate on {text}.")

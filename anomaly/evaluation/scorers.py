@@ -1,4 +1,5 @@
-"""Benchmark scoring: the NAB score exactly as NAB computes it, and F1/FAR/MAR as SKAB reports them.
+"""Benchmark scoring: the NAB score exactly as NAB computes it, F1/FAR/MAR as SKAB reports them, and
+event-level precision/recall as Telemanom counts them (MSL).
 
 Why this module exists: detection quality claims ("NAB standard 65") are only comparable with
 published numbers if the scorer is NAB's own, rule for rule. This is a vectorised re-implementation
@@ -43,6 +44,13 @@ counts and best threshold, scores within 1e-11, on the real corpus and ~3000 ran
 Cost: building a :class:`NabCorpus` is O(N) numpy plus a Python step per row whose timestamp is a
 window boundary; one sweep is one ``argsort`` of the N scorable scores, shared by all profiles
 (NAB's 180k-row corpus: well under a second).
+
+Telemanom's event counting (``evaluate_sequences`` in ``telemanom/detector.py``), per channel: a predicted
+sequence is a maximal run of flagged rows; one that overlaps any labelled sequence matches the *first*
+labelled sequence (in label-file order) it overlaps, which counts as a true positive the first time it is
+matched (a labelled sequence touched by several predicted ones counts once; the others are neither TP nor
+FP); one that overlaps none is a false positive; a labelled sequence never matched is a false negative.
+No point adjustment.
 """
 
 from __future__ import annotations
@@ -66,14 +74,17 @@ __all__ = [
     "NAB_START_THRESHOLD",
     "BinaryMetrics",
     "CostMatrix",
+    "EventCounts",
     "NabCorpus",
     "NabProfileResult",
     "NabReport",
     "nab_score_corpus",
+    "predicted_sequences",
     "probation_length",
     "read_nab_profiles",
     "scaled_sigmoid",
     "skab_binary_metrics",
+    "telemanom_event_counts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -836,3 +847,83 @@ def skab_binary_metrics(true: Any, predicted: Any) -> BinaryMetrics:
         fp += int(np.sum(~t1 & p1))
         fn += int(np.sum(t1 & ~p1))
     return BinaryMetrics(tp=tp, tn=tn, fp=fp, fn=fn)
+
+
+# --------------------------------------------------------------------------------------- Telemanom
+
+
+@dataclass(frozen=True)
+class EventCounts:
+    """Event-level counts (Telemanom's): sums over channels give the totals (``a + b``)."""
+
+    tp: int
+    fp: int
+    fn: int
+
+    def __add__(self, other: EventCounts) -> EventCounts:
+        return EventCounts(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn)
+
+    @property
+    def precision(self) -> float:
+        """``TP / (TP + FP)``; NaN when nothing was predicted."""
+        return self.tp / (self.tp + self.fp) if self.tp + self.fp else float("nan")
+
+    @property
+    def recall(self) -> float:
+        """``TP / (TP + FN)``; NaN without labelled sequences."""
+        return self.tp / (self.tp + self.fn) if self.tp + self.fn else float("nan")
+
+    @property
+    def f1(self) -> float:
+        """``2 TP / (2 TP + FP + FN)``; NaN when all three are 0."""
+        denominator = 2 * self.tp + self.fp + self.fn
+        return 2 * self.tp / denominator if denominator else float("nan")
+
+
+def predicted_sequences(flags: Any) -> list[tuple[int, int]]:
+    """Maximal runs of flagged rows as inclusive ``(start, end)`` row indices.
+
+    >>> predicted_sequences([0, 1, 1, 0, 1, 0, 0, 1])
+    [(1, 2), (4, 4), (7, 7)]
+    """
+    f = np.asarray(flags).reshape(-1).astype(bool)
+    edges = np.diff(np.concatenate([[0], f.astype(np.int8), [0]]))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1
+    return list(zip(starts.tolist(), ends.tolist(), strict=True))
+
+
+def telemanom_event_counts(labelled: Sequence[tuple[int, int]],
+                           predicted: Sequence[tuple[int, int]]) -> EventCounts:
+    """Count one channel's predicted sequences against its labelled ones, as Telemanom does.
+
+    Parameters
+    ----------
+    labelled : inclusive ``(start, end)`` row indices, in the label file's order (a predicted sequence
+        over two labelled ones matches the one listed first).
+    predicted : inclusive ``(start, end)`` row indices (e.g. :func:`predicted_sequences`).
+
+    Examples
+    --------
+    A run over both labelled sequences matches only the first; a run touching none is one false
+    positive; the second labelled sequence, matched by nothing else, is a false negative:
+
+    >>> telemanom_event_counts([(10, 20), (30, 40)], [(15, 35), (50, 52)])
+    EventCounts(tp=1, fp=1, fn=1)
+
+    A labelled sequence touched by several runs counts once:
+
+    >>> telemanom_event_counts([(10, 20)], [(10, 11), (15, 16), (20, 25)])
+    EventCounts(tp=1, fp=0, fn=0)
+    """
+    for start, end in (*labelled, *predicted):
+        if start > end:
+            raise DataError(f"sequence ({start}, {end}) ends before it starts")
+    matched: set[int] = set()
+    fp = 0
+    for p_start, p_end in predicted:
+        hit = next((i for i, (l_start, l_end) in enumerate(labelled) if p_start <= l_end and l_start <= p_end), None)
+        if hit is None:
+            fp += 1
+        else:
+            matched.add(hit)
+    return EventCounts(tp=len(matched), fp=fp, fn=len(labelled) - len(matched))

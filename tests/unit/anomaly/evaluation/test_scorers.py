@@ -19,12 +19,15 @@ from anomaly.evaluation.scorers import (
     MAX_TP,
     NAB_PROFILES,
     CostMatrix,
+    EventCounts,
     NabCorpus,
     nab_score_corpus,
+    predicted_sequences,
     probation_length,
     read_nab_profiles,
     scaled_sigmoid,
     skab_binary_metrics,
+    telemanom_event_counts,
 )
 
 # the benchmark data sits beside the checkout (../shared/data), in CI too
@@ -359,3 +362,42 @@ def test_skab_metrics_edge_cases():
         skab_binary_metrics([[0, 1]], [[0, 1, 1]])
     with pytest.raises(DataError, match="as many prediction files"):
         skab_binary_metrics([[0, 1], [1]], [[0, 1]])
+
+
+# ------------------------------------------------------------------- Telemanom's event counting
+
+
+def test_event_counting_worked_example():
+    labelled = [(10, 20), (30, 40)]
+    # a predicted run over both labelled sequences matches only the first
+    assert telemanom_event_counts(labelled, [(15, 35)]) == EventCounts(tp=1, fp=0, fn=1)
+    # a run touching none is one false positive
+    assert telemanom_event_counts(labelled, [(50, 60)]) == EventCounts(tp=0, fp=1, fn=2)
+    # a labelled sequence touched by several runs counts once, and the extra runs are not false positives
+    assert telemanom_event_counts(labelled, [(10, 10), (12, 14), (20, 22), (40, 45)]) == EventCounts(2, 0, 0)
+    # inclusive bounds: a run ending the row before a sequence starts misses it
+    assert telemanom_event_counts(labelled, [(0, 9), (21, 29)]) == EventCounts(tp=0, fp=2, fn=2)
+    # "first" is the label file's order, not time order (P-11 lists its later sequence first)
+    assert telemanom_event_counts([(30, 40), (10, 20)], [(15, 35), (12, 12)]) == EventCounts(2, 0, 0)
+    assert telemanom_event_counts([(30, 40), (10, 20)], [(15, 35)]) == EventCounts(1, 0, 1)
+    assert telemanom_event_counts(labelled, []) == EventCounts(tp=0, fp=0, fn=2)
+
+
+def test_event_counts_sum_over_channels_and_give_precision_recall_f1():
+    total = EventCounts(19, 38, 17) + EventCounts(1, 2, 3)
+    assert total == EventCounts(20, 40, 20)
+    assert total.precision == pytest.approx(1 / 3) and total.recall == pytest.approx(0.5)
+    assert total.f1 == pytest.approx(0.4)
+    assert np.isnan(EventCounts(0, 0, 0).precision) and np.isnan(EventCounts(0, 0, 0).f1)
+
+
+def test_predicted_sequences_are_maximal_runs_of_flagged_rows():
+    assert predicted_sequences(np.array([True, True, False, True])) == [(0, 1), (3, 3)]
+    assert predicted_sequences(np.zeros(5, dtype=np.int8)) == []
+    flags = np.zeros(100, dtype=bool)
+    flags[[5, 6, 7, 50, 99]] = True
+    runs = predicted_sequences(flags)
+    assert runs == [(5, 7), (50, 50), (99, 99)]
+    assert telemanom_event_counts([(0, 5), (49, 49)], runs) == EventCounts(tp=1, fp=2, fn=1)
+    with pytest.raises(DataError, match="ends before"):
+        telemanom_event_counts([(5, 4)], [])
