@@ -5,8 +5,12 @@ this format. A bundle directory holds ``weights.safetensors`` (tensors only — 
 carry code, unlike pickle) and ``bundle.json`` (feature names and order, scaler, the normal-error
 model and threshold, detector settings, hyperparameters, name, version, training summary, format
 version and the weights' SHA-256; a bundle trained with a seasonal period adds ``seasonal_scorer``,
-the normal-error model of its seasonal residuals). :meth:`ModelBundle.load` checks every field and
-the weights' shapes against the metadata, and names the problem when something does not fit.
+the normal-error model of its seasonal residuals; one with context inputs adds ``context`` and
+``context_scaler``). :meth:`ModelBundle.load` checks every field and the weights' shapes against the
+metadata, and names the problem when something does not fit.
+
+Format versions: 1 (no context inputs) and 2 (with context: the keys above). A bundle without context
+is still written as version 1, so releases that predate context read it; both load here.
 """
 
 from __future__ import annotations
@@ -34,11 +38,13 @@ from anomaly.errors import BundleError
 from anomaly.model import LSTMForecaster
 from anomaly.scoring import NormalErrorModel
 
-__all__ = ["FORMAT_VERSION", "MAX_SEASONAL_PERIOD", "DetectorConfig", "ModelBundle", "Scaler"]
+__all__ = ["FORMAT_VERSION", "MAX_SEASONAL_PERIOD", "READABLE_VERSIONS", "DetectorConfig", "ModelBundle", "Scaler"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest bundle format; a bundle without context inputs is written as version 1 (see the module docstring)."""
+READABLE_VERSIONS = (1, 2)
 MAX_SEASONAL_PERIOD = 4096
 """Longest seasonal period (in readings) a bundle may carry: each device keeps a ``[P, F]`` float32
 profile, 16 KiB per feature at this length (a week of 5-minute readings is 2,016, a day of 30-second
@@ -222,7 +228,8 @@ class ModelBundle:
     ('x', 'y')
 
     ``seasonal_scorer`` is the normal-error model of seasonal residuals; ``config.seasonal_period``
-    requires it.
+    requires it. ``context`` names the context inputs (seen by the model after the features, never
+    forecast or scored), scaled by ``context_scaler``; :attr:`inputs` is the model's input order.
     """
 
     name: str
@@ -235,12 +242,27 @@ class ModelBundle:
     training: dict[str, Any] = field(default_factory=dict)
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     seasonal_scorer: NormalErrorModel | None = None
+    context: tuple[str, ...] = ()
+    context_scaler: Scaler | None = None
 
     def __post_init__(self) -> None:
         self.features = tuple(self.features)
+        self.context = tuple(self.context)
         n = len(self.features)
         if n == 0 or len(set(self.features)) != n or not all(isinstance(f, str) and f for f in self.features):
             raise BundleError(f"features must be distinct non-empty strings, got {list(self.features)}")
+        inputs = self.features + self.context
+        if len(set(inputs)) != len(inputs) or not all(isinstance(f, str) and f for f in self.context):
+            raise BundleError(f"context must be distinct non-empty strings that are not features, got "
+                              f"{list(self.context)} (features {list(self.features)})")
+        n_context = len(self.context)
+        if self.model.n_context != n_context:
+            raise BundleError(f"model expects {self.model.n_context} context inputs, bundle lists {n_context}: "
+                              f"{list(self.context)}")
+        if (self.context_scaler is None) != (n_context == 0) or (
+                self.context_scaler is not None and len(self.context_scaler.mean) != n_context):
+            size = 0 if self.context_scaler is None else len(self.context_scaler.mean)
+            raise BundleError(f"context_scaler expects {size} context inputs, bundle lists {n_context}")
         stuck = self.config.stuck_after
         seasonal = self.seasonal_scorer
         for what, size in (("model", self.model.n_features), ("scaler", len(self.scaler.mean)),
@@ -256,15 +278,22 @@ class ModelBundle:
     @classmethod
     def untrained(cls, features: Sequence[str], hidden_size: int = 64, num_layers: int = 1,
                   scorer: NormalErrorModel | None = None, name: str = "untrained",
-                  version: str = "0") -> ModelBundle:
+                  version: str = "0", context: Sequence[str] = ()) -> ModelBundle:
         """A bundle with a fresh (persistence-like) network: for tests, examples and benchmarks."""
-        n = len(features)
+        n, n_context = len(features), len(context)
         if scorer is None:
             scorer = NormalErrorModel.fit(np.random.default_rng(0).normal(size=(1000, n)))
         return cls(name=name, version=version, features=tuple(features),
                    scaler=Scaler(np.zeros(n, np.float32), np.ones(n, np.float32)),
-                   model=LSTMForecaster(n, hidden_size=hidden_size, num_layers=num_layers),
-                   scorer=scorer)
+                   model=LSTMForecaster(n, hidden_size=hidden_size, num_layers=num_layers, n_context=n_context),
+                   scorer=scorer, context=tuple(context),
+                   context_scaler=Scaler(np.zeros(n_context, np.float32), np.ones(n_context, np.float32))
+                   if n_context else None)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The model's input columns: the features, then the context inputs."""
+        return self.features + self.context
 
     def with_version(self, version: str, name: str | None = None) -> ModelBundle:
         return replace(self, version=version, name=name or self.name)
@@ -275,8 +304,8 @@ class ModelBundle:
 
     # ------------------------------------------------------------------ save
     def metadata(self) -> dict[str, Any]:
-        return {
-            "format_version": FORMAT_VERSION,
+        meta = {
+            "format_version": FORMAT_VERSION if self.context else 1,
             "name": self.name,
             "version": self.version,
             "created_at": self.created_at,
@@ -288,6 +317,11 @@ class ModelBundle:
             "training": self.training,
             "seasonal_scorer": None if self.seasonal_scorer is None else self.seasonal_scorer.to_dict(),
         }
+        if self.context_scaler is not None:
+            meta["context"] = list(self.context)
+            meta["context_scaler"] = {"mean": self.context_scaler.mean.tolist(),
+                                      "scale": self.context_scaler.scale.tolist()}
+        return meta
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write the bundle into ``directory`` (created if needed).
@@ -343,8 +377,11 @@ class ModelBundle:
         if not isinstance(meta, dict):
             raise BundleError(f"{meta_path}: expected a JSON object")
         version = meta.get("format_version")
-        if type(version) is not int or version != FORMAT_VERSION:  # JSON true would equal 1
-            raise BundleError(f"{meta_path}: unsupported format_version {version!r} (supported: {FORMAT_VERSION})")
+        if type(version) is not int or version not in READABLE_VERSIONS:  # JSON true would equal 1
+            raise BundleError(f"{meta_path}: unsupported format_version {version!r} "
+                              f"(supported: {', '.join(map(str, READABLE_VERSIONS))})")
+        if version == 1 and ("context" in meta or "context_scaler" in meta):
+            raise BundleError(f"{meta_path}: format_version 1 cannot carry context inputs")
         raw = weights_path.read_bytes()
         digest = hashlib.sha256(raw).hexdigest()
         if meta.get("weights_sha256") not in (None, digest):
@@ -367,13 +404,12 @@ class ModelBundle:
         hidden, layers = hyper["hidden_size"], hyper["num_layers"]
         if not (isinstance(hidden, int) and isinstance(layers, int) and 0 < hidden <= 4096 and 0 < layers <= 16):
             raise BundleError(f"{root / METADATA_FILE}: hyperparameters out of range: {hyper}")
-        mean = np.asarray(meta["scaler"]["mean"], dtype=np.float32)
-        scale = np.asarray(meta["scaler"]["scale"], dtype=np.float32)
-        if mean.shape != (n,) or scale.shape != (n,):
-            raise BundleError(f"{root / METADATA_FILE}: scaler has {mean.shape} / {scale.shape} values, "
-                              f"expected {n} (one per feature)")
-        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(scale)) and np.all(scale > 0)):
-            raise BundleError(f"{root / METADATA_FILE}: scaler values must be finite with scale > 0")
+        scaler = _load_scaler(meta["scaler"], n, root / METADATA_FILE, "scaler", "feature")
+        context = meta.get("context", [])
+        if not isinstance(context, list) or not all(isinstance(f, str) for f in context):
+            raise BundleError(f"{root / METADATA_FILE}: 'context' must be a list of strings")
+        context_scaler = (_load_scaler(meta["context_scaler"], len(context), root / METADATA_FILE, "context_scaler",
+                                       "context input") if context else None)
         scorer = NormalErrorModel.from_dict(meta["scorer"], n)
         seasonal = meta.get("seasonal_scorer")
         try:
@@ -381,7 +417,7 @@ class ModelBundle:
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{root / METADATA_FILE}: invalid seasonal_scorer: {exc}") from exc
         config = DetectorConfig(**meta["detector"])
-        model = LSTMForecaster(n, hidden_size=hidden, num_layers=layers)
+        model = LSTMForecaster(n, hidden_size=hidden, num_layers=layers, n_context=len(context))
         try:
             tensors = deserialize_tensors(raw)  # the bytes whose digest was checked, not a second read
         except (SafetensorError, OSError, ValueError) as exc:
@@ -393,14 +429,26 @@ class ModelBundle:
         for key, tensor in tensors.items():
             if tuple(tensor.shape) != tuple(expected[key].shape):
                 raise BundleError(f"{root / WEIGHTS_FILE}: tensor {key} has shape {list(tensor.shape)}, "
-                                  f"expected {list(expected[key].shape)} for {n} features, hidden {hidden}")
+                                  f"expected {list(expected[key].shape)} for {n} features, {len(context)} "
+                                  f"context inputs, hidden {hidden}")
             if not torch.isfinite(tensor).all():
                 raise BundleError(f"{root / WEIGHTS_FILE}: tensor {key} has non-finite values")
         model.load_state_dict({k: v.float() for k, v in tensors.items()})
         return cls(name=str(meta["name"]), version=str(meta["version"]), features=tuple(features),
-                   scaler=Scaler(mean, scale), model=model, scorer=scorer, config=config,
+                   scaler=scaler, model=model, scorer=scorer, config=config,
                    training=dict(meta.get("training") or {}), created_at=str(meta.get("created_at", "")),
-                   seasonal_scorer=seasonal_scorer)
+                   seasonal_scorer=seasonal_scorer, context=tuple(context), context_scaler=context_scaler)
+
+
+def _load_scaler(node: Any, n: int, path: Path, what: str, per: str) -> Scaler:
+    """A :class:`Scaler` of ``n`` columns from its JSON form; :class:`BundleError` naming ``what`` otherwise."""
+    mean = np.asarray(node["mean"], dtype=np.float32)
+    scale = np.asarray(node["scale"], dtype=np.float32)
+    if mean.shape != (n,) or scale.shape != (n,):
+        raise BundleError(f"{path}: {what} has {mean.shape} / {scale.shape} values, expected {n} (one per {per})")
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(scale)) and np.all(scale > 0)):
+        raise BundleError(f"{path}: {what} values must be finite with scale > 0")
+    return Scaler(mean, scale)
 
 
 def _first_non_finite(node: object, path: str = "") -> str | None:

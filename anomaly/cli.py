@@ -132,8 +132,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.time_col not in frame:
         raise UsageError(f"--time-col {args.time_col!r} is not a column of {args.data} "
                          f"(columns: {list(frame.columns)})")
-    features = args.features or [c for c in frame.columns
-                                 if c not in (args.time_col, args.device_col) and _looks_numeric(frame[c])]
+    context = args.context or []
+    features = args.features or [c for c in frame.columns if c not in (args.time_col, args.device_col, *context)
+                                 and _looks_numeric(frame[c])]
     if not features:
         raise UsageError(f"no numeric feature columns in {args.data}; pass --features")
     overrides = {k: v for k, v in {"epochs": args.epochs, "hidden_size": args.hidden_size,
@@ -146,11 +147,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     detector = DetectorConfig(false_alarm_rate=args.false_alarm_rate, warmup_steps=args.warmup_steps,
                               episode_rule=args.episode_rule)
     bundle = fit(frame, features, time_col=args.time_col, device_col=args.device_col, detector=detector,
-                 name=args.name, version=args.version, progress=not args.quiet, seasonal=args.seasonal, **overrides)
+                 name=args.name, version=args.version, progress=not args.quiet, seasonal=args.seasonal,
+                 context=context, **overrides)
     bundle.training.update({"time_col": args.time_col, "device_col": args.device_col, "source": str(args.data)})
     bundle.save(args.out)
     print(f"trained {bundle.name} version {bundle.version} on {bundle.training['rows']} rows "
-          f"({bundle.training['devices']} devices, features {','.join(features)}) in "
+          f"({bundle.training['devices']} devices, features {','.join(features)}"
+          f"{', context ' + ','.join(context) if context else ''}) in "
           f"{bundle.training['seconds']} s; threshold score {1 - 10 ** -bundle.config.threshold:.6f}; "
           f"saved to {args.out}")
     return 0
@@ -187,6 +190,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                            description="Train a forecaster on normal history and calibrate its scorer.")
     train.add_argument("--data", required=True, type=Path, help="CSV or Parquet file of normal readings")
     train.add_argument("--features", type=csv_list, help="comma-separated feature columns (default: all numeric)")
+    train.add_argument("--context", type=csv_list,
+                       help="comma-separated context columns (commands, setpoints, modes): model inputs at every "
+                            "step, never forecast or scored (default: none)")
     train.add_argument("--time-col", default="ts", help="timestamp column (ISO-8601 or epoch ms; default: ts)")
     train.add_argument("--device-col", default=None, help="device id column (default: one device)")
     train.add_argument("--out", required=True, type=Path, help="directory to write the model bundle to")

@@ -37,6 +37,14 @@ Two episode rules (``DetectorConfig.episode_rule``), both on this one path:
   neither the recent past nor the cycle explains still is, and the seasonal channel alone still sees a
   reading that is wrong for its phase. Costs T more vectorised gather/scatter steps of ``[B, F]`` per call.
 
+Context inputs (``bundle.context``, Fc of them): a batch carries ``bundle.inputs`` (the F features, then
+the context); the network sees the context at every step (scaled by the bundle's ``context_scaler``; a
+missing value is the device's last known one, kept in the store's ``last_context``, across gaps too; one
+never seen is the training mean), but nothing downstream of it does: no forecast, residual, score,
+``expected``, ``actual`` or ``contributions`` of a context input. A reading without any feature but with
+context values (a command on its own) only updates the device's last known context, in time order with
+its other readings (a reading later in the same call sees it): status ``CONTEXT``, no score, no step.
+
 Cost per call: one LSTM forward pass over [B, T, F] (in cache-sized blocks of devices), O(N log N) numpy
 for grouping (no hashing of ids when they equal the previous call's, all distinct), and T
 vectorised steps of smoothing/episode logic; Python per device only where devices are new
@@ -116,13 +124,15 @@ class StreamingDetector:
         self.config = bundle.config
         self.model = bundle.model.eval()
         self.features = bundle.features
+        self.context = bundle.context
+        self.inputs = bundle.inputs
         self.novelty_config = self.config.novelty if self.config.episode_rule == "novelty" else None
         # the seasonal channel is one of the novelty rule's error channels: without that rule, no profile
         period = self.config.seasonal_period if self.novelty_config is not None else None
         self.store = DeviceStateStore(self.model.num_layers, self.model.hidden_size, len(self.features),
                                       model_version=bundle.version, capacity=capacity,
                                       novelty_alphas=len(self.config.novelty_alphas) if self.novelty_config else 0,
-                                      seasonal_period=period or 0)
+                                      seasonal_period=period or 0, n_context=len(self.context))
         self.policy = EpisodePolicy(enter=self.config.threshold,
                                     exit=self.config.threshold * self.config.exit_ratio,
                                     min_duration=self.config.min_duration, cooldown=self.config.cooldown)
@@ -139,12 +149,14 @@ class StreamingDetector:
     def process(self, batch: ReadingBatch) -> ProcessResult:
         """Score a batch of readings; advances the state of every device in it.
 
-        Returns a :class:`ProcessResult` aligned with ``batch`` (row i of every array describes
-        ``batch`` row i), with the episode events the batch caused.
+        ``batch`` holds :attr:`inputs` (the features, then any context inputs). Returns a
+        :class:`ProcessResult` aligned with ``batch`` (row i of every array describes ``batch`` row i),
+        with the episode events the batch caused.
         """
-        if batch.n_features != len(self.features):
-            raise InvalidReadingError(f"expected {len(self.features)} features {list(self.features)}, "
-                                      f"got {batch.n_features}")
+        if batch.n_features != len(self.inputs):
+            context = f" and {len(self.context)} context inputs {list(self.context)}" if self.context else ""
+            raise InvalidReadingError(f"expected {len(self.features)} features {list(self.features)}{context}, "
+                                      f"got {batch.n_features} columns")
         n = len(batch)
         result = ProcessResult(
             scores=np.full(n, np.nan, dtype=np.float32), raw_scores=np.full(n, np.nan, dtype=np.float32),
@@ -154,14 +166,18 @@ class StreamingDetector:
             return result
         codes, uniques = self._factorize(batch.device_ids)
         order = np.lexsort((batch.timestamps_ms, codes))
-        missing = np.isnan(batch.values)
+        slots = self.store.slots_for(uniques)
+        n_f = len(self.features)
+        missing = np.isnan(batch.values[:, :n_f])
         empty = missing.all(axis=1)[order] if missing.any() else None
+        context_rows = None
         if empty is not None and empty.any():  # a reading with no value must not pass for a normal one
             result.status[order[empty]] = ReadingStatus.EMPTY
+            if self.context:
+                batch, context_rows = self._fold_context(batch, codes, order, empty, slots, result)
             order = order[~empty]
         dev = codes[order]
         ts = batch.timestamps_ms[order]
-        slots = self.store.slots_for(uniques)
         state_last = self.store.last_ts[slots][dev]
         first = np.r_[True, dev[1:] != dev[:-1]]
         prev_in_batch = np.r_[NO_TIMESTAMP, ts[:-1]]
@@ -173,6 +189,8 @@ class StreamingDetector:
         status[order[duplicate]] = ReadingStatus.DUPLICATE
         accepted = np.flatnonzero(~(out_of_order | duplicate))
         if len(accepted) == 0:
+            if context_rows is not None:  # commands alone
+                self._keep_context(batch, codes, slots, result)
             return result
         a_dev, a_ts = dev[accepted], ts[accepted]
         a_first = np.r_[True, a_dev[1:] != a_dev[:-1]]
@@ -196,7 +214,62 @@ class StreamingDetector:
         else:  # the common case: one pass, no copies
             self._run_pass(a_dev, a_ts, values, rows, gap, slots, batch, result)
         result.gap_resets = int(gap.sum())
+        if context_rows is not None:
+            self._keep_context(batch, codes, slots, result)
         return result
+
+    def _fold_context(self, batch: ReadingBatch, codes: np.ndarray, order: np.ndarray, empty: np.ndarray,
+                      slots: np.ndarray, result: ProcessResult) -> tuple[ReadingBatch, np.ndarray | None]:
+        """Context-only readings (no feature, some context) handed on to the readings after them.
+
+        ``order`` ``[N]`` sorts the batch by (device, time); ``empty`` ``[N]`` (in that order) flags readings
+        without any feature. Returns the batch with each reading's missing context values filled from the
+        device's earlier readings in this call (a device's first readings keep NaN: the store's
+        ``last_context`` fills them), and the rows of the accepted context-only readings (``None`` if none).
+        A context-only reading older than the device's last scored one is out of order and ignored.
+        """
+        n_f = len(self.features)
+        ctx = batch.values[order, n_f:]
+        has_ctx = ~np.isnan(ctx).all(axis=1)
+        stale = batch.timestamps_ms[order] < self.store.last_ts[slots[codes[order]]]
+        only = empty & has_ctx
+        result.status[order[only & stale]] = ReadingStatus.OUT_OF_ORDER
+        accepted = only & ~stale
+        if not accepted.any():
+            return batch, None
+        result.status[order[accepted]] = ReadingStatus.CONTEXT
+        ctx[stale] = np.nan  # an old reading must not overwrite a newer value
+        dev = codes[order]
+        first = np.r_[True, dev[1:] != dev[:-1]]
+        start = np.maximum.accumulate(np.where(first, np.arange(len(dev)), 0))
+        src = np.where(np.isnan(ctx), -1, np.arange(len(dev))[:, None])
+        np.maximum.accumulate(src, axis=0, out=src)
+        known = src >= start[:, None]  # a source inside the device's own readings
+        filled = np.where(known, ctx[np.maximum(src, 0), np.arange(ctx.shape[1])[None, :]], np.nan)
+        values = batch.values.copy()
+        values[order, n_f:] = filled.astype(np.float32)
+        return (ReadingBatch(batch.device_ids, batch.timestamps_ms, values),
+                order[accepted])
+
+    def _keep_context(self, batch: ReadingBatch, codes: np.ndarray, slots: np.ndarray,
+                      result: ProcessResult) -> None:
+        """Remember the context of each device whose latest reading in this call was context-only.
+
+        Each reading's context was filled in time order (:meth:`_fold_context`), so a device's latest
+        reading that touched its state holds its latest context; when that reading was advanced through
+        the network, :meth:`_run_pass` stored it already.
+        """
+        order = np.lexsort((batch.timestamps_ms, codes))
+        touched = np.isin(result.status[order], (ReadingStatus.SCORED, ReadingStatus.WARMUP, ReadingStatus.CONTEXT))
+        live = order[touched]
+        dev = codes[live]
+        last = live[np.r_[dev[1:] != dev[:-1], True]]
+        last = last[result.status[last] == ReadingStatus.CONTEXT]
+        if not len(last):
+            return
+        scaled = self.bundle.context_scaler.transform(batch.values[last, len(self.features):])  # type: ignore[union-attr]
+        target = slots[codes[last]]
+        self.store.last_context[target] = np.where(np.isnan(scaled), self.store.last_context[target], scaled)
 
     def _factorize(self, device_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``pd.factorize(device_ids)``: codes ``[N]`` and distinct ids ``[U]`` in order of appearance.
@@ -239,14 +312,15 @@ class StreamingDetector:
 
         raw = np.full((b, t_steps, f), np.nan, dtype=np.float32)
         # clipped so that an absurd (but finite) value cannot overflow the network's state
-        raw[cells] = np.clip(scaler.transform(values.astype(np.float64)), -INPUT_CLIP, INPUT_CLIP)
-        if np.isnan(values).any():  # forward-fill a missing feature with its last seen (scaled) value
-            filled = np.concatenate([store.last_input[slots][:, None, :], raw], axis=1)
-            idx = np.where(np.isnan(filled), 0, np.arange(t_steps + 1)[None, :, None])
-            np.maximum.accumulate(idx, axis=1, out=idx)
-            x = np.take_along_axis(filled, idx, axis=1)[:, 1:]
-        else:  # the common case: only the padding after a short run is NaN
-            x = raw if full else np.nan_to_num(raw, nan=0.0)
+        raw[cells] = np.clip(scaler.transform(values[:, :f].astype(np.float64)), -INPUT_CLIP, INPUT_CLIP)
+        x = _forward_fill(raw, store.last_input[slots], full, bool(np.isnan(values[:, :f]).any()))
+        if self.context:  # the context inputs, filled from the last known values (never seen: the mean, 0)
+            ctx = np.full((b, t_steps, len(self.context)), np.nan, dtype=np.float32)
+            ctx[cells] = np.clip(self.bundle.context_scaler.transform(  # type: ignore[union-attr]
+                values[:, f:].astype(np.float64)), -INPUT_CLIP, INPUT_CLIP)
+            ctx = _forward_fill(ctx, store.last_context[slots], full, True)
+            store.last_context[slots] = ctx[last_cells]
+            x = np.concatenate([x, np.nan_to_num(ctx, nan=0.0)], axis=2)
         pred = self._advance(x, lengths, full, slots)
 
         expected = np.empty_like(raw)
@@ -301,7 +375,7 @@ class StreamingDetector:
         store.in_episode[slots] = final_in_episode
         store.run_length[slots] = final_run
         store.last_pred[slots] = pred[last_cells]
-        store.last_input[slots] = x[last_cells]
+        store.last_input[slots] = x[last_cells][:, :f]
 
         is_scored = scored[cells]
         result.status[rows[~is_scored]] = ReadingStatus.WARMUP
@@ -337,7 +411,7 @@ class StreamingDetector:
                         np.float32(np.nan))
 
     def _advance(self, x: np.ndarray, lengths: np.ndarray, full: bool, slots: np.ndarray) -> np.ndarray:
-        """Run the model over ``x`` ``[B, T, F]`` (row i: ``lengths[i]`` readings of the device in ``slots[i]``)
+        """Run the model over ``x`` ``[B, T, F + Fc]`` (row i: ``lengths[i]`` readings of the device in ``slots[i]``)
         from the devices' (h, c), in blocks of ``ROW_BLOCK`` devices; writes (h, c) back to the slabs and
         returns the predictions ``[B, T, F]``. ``full``: every row has T readings.
 
@@ -346,7 +420,7 @@ class StreamingDetector:
         """
         store = self.store
         h_slab, c_slab = store.h.numpy(), store.c.numpy()
-        pred = np.empty(x.shape, dtype=np.float32)
+        pred = np.empty((*x.shape[:2], self.model.n_features), dtype=np.float32)
         x_t = torch.from_numpy(x)
         with torch.inference_mode():
             for lo in range(0, len(slots), ROW_BLOCK):
@@ -387,7 +461,7 @@ class StreamingDetector:
             result.events.append(AnomalyEvent(
                 device_id=str(batch.device_ids[row]), ts_ms=int(ts[pos]), kind=kind,
                 score=float(event_score[bi, ti]), threshold=self.score_threshold,
-                expected=self._named(exp_units[i]), actual=self._named(batch.values[row]),
+                expected=self._named(exp_units[i]), actual=self._named(batch.values[row, :len(self.features)]),
                 contributions=self._named(contributions[i]), model_name=self.bundle.name,
                 model_version=self.bundle.version, row=row,
                 episode_start_ms=int(store.episode_start[slots[bi]])))
@@ -400,7 +474,7 @@ class StreamingDetector:
             row = int(rows[pos])
             result.events.append(AnomalyEvent(
                 device_id=str(batch.device_ids[row]), ts_ms=int(ts[pos]), kind="end", score=0.0,
-                threshold=self.score_threshold, expected={}, actual=self._named(batch.values[row]),
+                threshold=self.score_threshold, expected={}, actual=self._named(batch.values[row, :len(self.features)]),
                 contributions={}, model_name=self.bundle.name, model_version=self.bundle.version, row=row,
                 episode_start_ms=int(self.store.episode_start[slot])))
             logger.info("device %s (slot %d): episode closed by a gap before %d", batch.device_ids[row], slot,
@@ -414,15 +488,31 @@ class StreamingDetector:
         return self.store.evict_idle(now_ms, ttl_ms)
 
 
+def _forward_fill(raw: np.ndarray, last: np.ndarray, full: bool, any_missing: bool) -> np.ndarray:
+    """``raw`` ``[B, T, K]`` with each missing value (NaN) replaced by the device's previous one in time, the
+    first steps' from ``last`` ``[B, K]`` (which may hold NaN: never seen); padding after a short run is 0.
+
+    ``any_missing``: some reading lacks a value (else only the padding is NaN: the cheap path).
+    """
+    if not any_missing:
+        return raw if full else np.nan_to_num(raw, nan=0.0)
+    t_steps = raw.shape[1]
+    filled = np.concatenate([last[:, None, :], raw], axis=1)
+    idx = np.where(np.isnan(filled), 0, np.arange(t_steps + 1)[None, :, None])
+    np.maximum.accumulate(idx, axis=1, out=idx)
+    return np.take_along_axis(filled, idx, axis=1)[:, 1:]
+
+
 def score_frame(detector: StreamingDetector, frame: pd.DataFrame, time_col: str,
                 device_col: str | None = None, chunk_rows: int = 100_000,
                 features: Sequence[str] | None = None) -> pd.DataFrame:
     """Score a table in arrival order; returns ``frame`` with score, is_anomaly, status and expected_* columns.
 
     Rows are handed to :meth:`StreamingDetector.process` in chunks of ``chunk_rows`` (streaming:
-    results do not depend on the chunk size).
+    results do not depend on the chunk size). ``features``: the table's columns for the detector's
+    inputs, in their order (default: the bundle's feature and context names).
     """
-    feats = list(features or detector.features)
+    feats = list(features or detector.inputs)
     out = frame.copy()
     scores, anomalous, status, expected = [], [], [], []
     for start in range(0, len(frame), chunk_rows):
@@ -432,11 +522,11 @@ def score_frame(detector: StreamingDetector, frame: pd.DataFrame, time_col: str,
         anomalous.append(res.anomalous)
         status.append(res.status)
         expected.append(res.expected)
-    n_f = len(feats)
+    n_f = len(detector.features)
     out["score"] = np.concatenate(scores) if scores else np.empty(0, np.float32)
     out["is_anomaly"] = np.concatenate(anomalous) if anomalous else np.empty(0, bool)
     out["status"] = [ReadingStatus(s).label for s in (np.concatenate(status) if status else [])]
     exp = np.concatenate(expected) if expected else np.empty((0, n_f), np.float32)
-    for i, name in enumerate(feats):
+    for i, name in enumerate(feats[:n_f]):
         out[f"expected_{name}"] = exp[:, i]
     return out

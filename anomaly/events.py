@@ -28,7 +28,10 @@ class ReadingStatus(IntEnum):
     OUT_OF_ORDER = 3
     """Older than the device's previous reading: dropped, state untouched."""
     EMPTY = 4
-    """Every feature missing: nothing to judge or learn from; dropped, state untouched."""
+    """Every feature missing: nothing to judge or learn from; dropped, state untouched (but see ``CONTEXT``)."""
+    CONTEXT = 5
+    """No feature, but context values (a bundle with context inputs): the device's last known context is
+    updated, nothing is scored and the network does not step."""
 
     @property
     def label(self) -> str:

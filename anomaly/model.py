@@ -28,7 +28,10 @@ class LSTMForecaster(nn.Module):
     """Predict each next reading of a multivariate series from the readings so far.
 
     The prediction for step t+1 is ``x_t + head(h_t)``: the network learns a correction to
-    persistence, which keeps it stable on series whose level wanders.
+    persistence, which keeps it stable on series whose level wanders. Context inputs (commands,
+    setpoints, modes) are extra input columns after the F features: the LSTM sees them at every step,
+    but they are never forecast (the output has F columns only). A context value at step t informs the
+    forecast of step t+1 onwards.
 
     Parameters
     ----------
@@ -40,9 +43,11 @@ class LSTMForecaster(nn.Module):
         L, stacked LSTM layers.
     dropout : float
         Dropout between stacked layers (training only; ignored when ``num_layers == 1``).
+    n_context : int
+        Fc, the number of context inputs (0: none).
 
     Inputs: x, (h_0, c_0), lengths
-        - x: ``[B, T, F]`` scaled readings.
+        - x: ``[B, T, F + Fc]`` scaled readings, features first, then context.
         - h_0, c_0: ``[L, B, H]``, or ``None`` for zeros.
         - lengths: optional ``[B]`` int64 tensor, the number of valid steps of each row (1..T);
           padded steps beyond a row's length do not touch its state.
@@ -61,7 +66,8 @@ class LSTMForecaster(nn.Module):
     ((5, 4, 3), (1, 5, 8))
     """
 
-    def __init__(self, n_features: int, hidden_size: int = 64, num_layers: int = 1, dropout: float = 0.0):
+    def __init__(self, n_features: int, hidden_size: int = 64, num_layers: int = 1, dropout: float = 0.0,
+                 n_context: int = 0):
         super().__init__()
         if n_features < 1:
             raise ValueError(f"n_features must be >= 1, got {n_features}")
@@ -71,10 +77,14 @@ class LSTMForecaster(nn.Module):
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if n_context < 0:
+            raise ValueError(f"n_context must be >= 0, got {n_context}")
         self.n_features = n_features
+        self.n_context = n_context
+        self.n_inputs = n_features + n_context
         self.hidden_size = hidden_size
         self.num_layers = num_layers
-        self.lstm = nn.LSTM(n_features, hidden_size, num_layers=num_layers, batch_first=True,
+        self.lstm = nn.LSTM(self.n_inputs, hidden_size, num_layers=num_layers, batch_first=True,
                             dropout=dropout if num_layers > 1 else 0.0)
         self.head = nn.Linear(hidden_size, n_features)
         nn.init.zeros_(self.head.weight)
@@ -89,8 +99,8 @@ class LSTMForecaster(nn.Module):
         self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None,
         lengths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        if x.dim() != 3 or x.shape[2] != self.n_features:
-            raise ValueError(f"expected input [B, T, {self.n_features}], got {list(x.shape)}")
+        if x.dim() != 3 or x.shape[2] != self.n_inputs:
+            raise ValueError(f"expected input [B, T, {self.n_inputs}], got {list(x.shape)}")
         if state is not None:
             h0, c0 = state
             want = (self.num_layers, x.shape[0], self.hidden_size)
@@ -102,4 +112,4 @@ class LSTMForecaster(nn.Module):
             packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
             out_packed, (hn, cn) = self.lstm(packed, state)
             out, _ = pad_packed_sequence(out_packed, batch_first=True, total_length=x.shape[1])
-        return x + self.head(out), (hn, cn)
+        return x[..., :self.n_features] + self.head(out), (hn, cn)

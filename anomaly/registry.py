@@ -127,7 +127,9 @@ def _check_version(version: str) -> str:
 
 
 def check_schema(candidate: ModelBundle, reference: ModelBundle | None) -> None:
-    """Raise :class:`ModelValidationError` unless ``candidate`` has ``reference``'s features in its order.
+    """Raise :class:`ModelValidationError` unless ``candidate`` has ``reference``'s features and context
+    inputs, each in its order (the codec decodes messages, and the state store holds each device's last
+    context, by that schema).
 
     >>> a = ModelBundle.untrained(["x", "y"], hidden_size=4)
     >>> check_schema(a, ModelBundle.untrained(["x", "y"], hidden_size=8))  # other sizes are fine
@@ -135,26 +137,38 @@ def check_schema(candidate: ModelBundle, reference: ModelBundle | None) -> None:
     Traceback (most recent call last):
     ...
     anomaly.registry.ModelValidationError: feature schema of version 0 is incompatible with ...
+    >>> check_schema(a, ModelBundle.untrained(["x", "y"], hidden_size=4, context=["mode"]))
+    Traceback (most recent call last):
+    ...
+    anomaly.registry.ModelValidationError: context schema of version 0 is incompatible with ...
     """
-    if reference is None or candidate.features == reference.features:
+    if reference is None:
         return
-    missing = [f for f in reference.features if f not in candidate.features]
-    extra = [f for f in candidate.features if f not in reference.features]
-    detail = (f"missing {missing}, extra {extra}" if missing or extra
-              else "same names in another order")
-    raise ModelValidationError(
-        f"feature schema of version {candidate.version} is incompatible with version {reference.version}: "
-        f"expected features {list(reference.features)} in this order, got {list(candidate.features)} ({detail}); "
-        "a model over other features needs a restart of the service, not a hot reload")
+    for what, want, got in (("feature", reference.features, candidate.features),
+                            ("context", reference.context, candidate.context)):
+        if want == got:
+            continue
+        missing = [f for f in want if f not in got]
+        extra = [f for f in got if f not in want]
+        detail = (f"missing {missing}, extra {extra}" if missing or extra
+                  else "same names in another order")
+        raise ModelValidationError(
+            f"{what} schema of version {candidate.version} is incompatible with version {reference.version}: "
+            f"expected {what} {list(want)} in this order, got {list(got)} ({detail}); "
+            f"a model over other {what} inputs needs a restart of the service, not a hot reload")
 
 
 def _probe_batch(bundle: ModelBundle, seed: int = 0) -> ReadingBatch:
     """Synthetic readings near the training distribution: mean ± half a standard deviation of noise."""
     rng = np.random.default_rng(seed)
     steps = bundle.config.warmup_steps + PROBE_SCORED_STEPS
-    f = len(bundle.features)
+    mean, scale = bundle.scaler.mean, bundle.scaler.scale
+    if bundle.context_scaler is not None:  # the context inputs near their training mean too
+        mean = np.concatenate([mean, bundle.context_scaler.mean])
+        scale = np.concatenate([scale, bundle.context_scaler.scale])
+    f = len(mean)
     noise = rng.normal(0.0, 0.5, size=(steps, PROBE_DEVICES, f))
-    values = (bundle.scaler.mean + bundle.scaler.scale * noise).reshape(steps * PROBE_DEVICES, f)
+    values = (mean + scale * noise).reshape(steps * PROBE_DEVICES, f)
     ts = PROBE_START_MS + np.repeat(np.arange(steps, dtype=np.int64), PROBE_DEVICES) * bundle.config.nominal_interval_ms
     devices = np.tile(np.array([f"probe-{i}" for i in range(PROBE_DEVICES)], dtype=object), steps)
     return ReadingBatch(devices, ts, values.astype(np.float32))

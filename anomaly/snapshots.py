@@ -9,16 +9,20 @@ order, so encoding and decoding are a handful of numpy copies whatever the count
 Layout (little-endian)::
 
     header    b"SABS" | u8 format | u16 L | u32 H | u16 F | u8 A | u8 K | u32 P | u32 n | u16 len(model version)
+              | u16 Fc (format 3 on)
     model version (UTF-8)
     u16[n] id lengths, then the ids (UTF-8, concatenated)
-    one array per row of anomaly.state.FIELDS, in its order: [n], [n, F] or [n, L, H] values
-    (format 2: i64 last_ts | i64 steps | f32 smoothed | u8 in_episode | i32 run_length |
-    i64 episode_start | f32 h | f32 c | f32 last_pred | f32 last_input | f32 residual_ratio | i16 repeat_run)
+    one array per row of anomaly.state.FIELDS of the blob's format, in its order: [n], [n, F], [n, Fc] or
+    [n, L, H] values (format 2: i64 last_ts | i64 steps | f32 smoothed | u8 in_episode | i32 run_length |
+    i64 episode_start | f32 h | f32 c | f32 last_pred | f32 last_input | f32 residual_ratio | i16 repeat_run;
+    format 3 adds Fc to the header and f32 last_context after them)
     if A > 0: f64[n, 2KA + 2F + K] and i64[n, K + 1]: the novelty records, K error channels (anomaly.adaptation)
     if P > 0: f32[n, P, F] the seasonal profile (anomaly.scoring.seasonal_residuals)
     u32 CRC-32 of everything before it
 
-Format 2 added K and P (format 1 blobs are refused as unknown: none was ever persisted).
+Format 2 added K and P (format 1 blobs are refused as unknown: none was ever persisted); format 3 the
+context inputs. Format 2 blobs still decode (no context: ``Fc = 0``, fields of format 3 at their fill value),
+so a changelog written before context restores.
 
 Decoding never executes anything from the bytes; garbage, a wrong length or a bad checksum raise
 :class:`~anomaly.errors.StateFormatError` naming the problem, and loading state of another model
@@ -41,12 +45,14 @@ from anomaly.adaptation import NoveltyRecords
 from anomaly.errors import StateFormatError, StateModelMismatchError
 from anomaly.state import FIELDS, DeviceStateStore, StateField
 
-__all__ = ["FORMAT_VERSION", "StateBatch", "check_compatible", "decode_states", "encode_groups", "encode_states",
-           "load_states", "restore", "snapshot"]
+__all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "StateBatch", "check_compatible", "decode_states", "encode_groups",
+           "encode_states", "load_states", "restore", "snapshot"]
 
 MAGIC = b"SABS"
-FORMAT_VERSION = 2
-_HEADER = struct.Struct("<4sBHIHBBIIH")
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
+_HEADERS = {2: struct.Struct("<4sBHIHBBIIH"), 3: struct.Struct("<4sBHIHBBIIHH")}
+_HEADER = _HEADERS[FORMAT_VERSION]
 _CRC = struct.Struct("<I")
 
 
@@ -61,6 +67,7 @@ class StateBatch:
     num_layers: int
     hidden_size: int
     n_features: int
+    n_context: int
     fields: dict[str, np.ndarray]  # name -> [n, *shape per slot], native byte order
     novelty: NoveltyRecords | None = None  # n rows; None: written by a store without novelty records
     season: np.ndarray | None = None  # [n, P, F] float32; None: written by a store without a seasonal period
@@ -79,7 +86,7 @@ class StateBatch:
         idx = np.flatnonzero(rows) if rows.dtype == bool else rows
         return StateBatch(model_version=self.model_version, device_ids=[self.device_ids[i] for i in idx.tolist()],
                           num_layers=self.num_layers, hidden_size=self.hidden_size, n_features=self.n_features,
-                          fields={name: array[idx] for name, array in self.fields.items()},
+                          n_context=self.n_context, fields={name: array[idx] for name, array in self.fields.items()},
                           novelty=None if self.novelty is None else self.novelty.take(idx),
                           season=None if self.season is None else self.season[idx])
 
@@ -154,7 +161,7 @@ def encode_groups(store: DeviceStateStore, groups: Sequence[Sequence[str]]) -> l
         end = start + len(group)
         ids = [d.encode() for d in group]
         parts = [_HEADER.pack(MAGIC, FORMAT_VERSION, layers, hidden, feats, alphas, channels, period, len(group),
-                              len(version)),
+                              len(version), store.n_context),
                  version, np.fromiter((len(i) for i in ids), dtype="<u2", count=len(ids)).tobytes(), b"".join(ids)]
         parts += [column[start:end].tobytes() for column in columns]
         body = b"".join(parts)
@@ -168,19 +175,25 @@ def decode_states(data: bytes | bytearray | memoryview) -> StateBatch:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise StateFormatError(f"state must be bytes, got {type(data).__name__}")
     data = bytes(data)
-    if len(data) < _HEADER.size + _CRC.size:
+    if len(data) < 5 + _CRC.size:
         raise StateFormatError(f"state blob too short ({len(data)} bytes)")
     if data[:4] != MAGIC:
         raise StateFormatError("not a device-state blob (bad magic bytes)")
-    if data[4] != FORMAT_VERSION:
-        raise StateFormatError(f"unknown state format version {data[4]} (supported: {FORMAT_VERSION})")
+    if data[4] not in READABLE_VERSIONS:
+        raise StateFormatError(f"unknown state format version {data[4]} "
+                               f"(supported: {', '.join(map(str, READABLE_VERSIONS))})")
+    form = data[4]
+    header = _HEADERS[form]
+    if len(data) < header.size + _CRC.size:
+        raise StateFormatError(f"state blob too short ({len(data)} bytes)")
     body, (crc,) = memoryview(data)[:-_CRC.size], _CRC.unpack(data[-_CRC.size:])
     if zlib.crc32(body) != crc:
         raise StateFormatError("state checksum mismatch (corrupt or truncated)")
-    _, _, layers, hidden, feats, alphas, channels, period, n, n_version = _HEADER.unpack_from(data)
+    layers, hidden, feats, alphas, channels, period, n, n_version, *rest = header.unpack_from(data)[2:]
+    n_context = rest[0] if rest else 0
     if (alphas == 0) != (channels == 0):
         raise StateFormatError(f"state blob header has {alphas} novelty time scales but {channels} error channels")
-    pos = _HEADER.size
+    pos = header.size
 
     def take(count: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
         nonlocal pos
@@ -209,11 +222,14 @@ def decode_states(data: bytes | bytearray | memoryview) -> StateBatch:
         raise StateFormatError(f"state blob has a non-UTF-8 id: {exc}") from exc
     if any(not d for d in device_ids):
         raise StateFormatError("state blob has an empty device id")
-    shapes = {"one": (), "features": (feats,), "hidden": (layers, hidden)}
+    shapes = {"one": (), "features": (feats,), "context": (n_context,), "hidden": (layers, hidden)}
     fields = {}
     for spec in FIELDS:
         shape = (n, *shapes[spec.width])
-        fields[spec.name] = take(int(np.prod(shape)), spec.wire_dtype, shape).astype(spec.dtype, copy=False)
+        if spec.since > form:  # the blob predates the field
+            fields[spec.name] = np.full(shape, spec.fill, dtype=spec.dtype)
+        else:
+            fields[spec.name] = take(int(np.prod(shape)), spec.wire_dtype, shape).astype(spec.dtype, copy=False)
     novelty = None
     if alphas:
         k = 2 * channels * alphas + 2 * feats + channels
@@ -223,7 +239,7 @@ def decode_states(data: bytes | bytearray | memoryview) -> StateBatch:
     if pos != len(body):
         raise StateFormatError("state blob length does not match its header")
     return StateBatch(model_version=version, device_ids=device_ids, num_layers=layers, hidden_size=hidden,
-                      n_features=feats, fields=fields, novelty=novelty, season=season)
+                      n_features=feats, n_context=n_context, fields=fields, novelty=novelty, season=season)
 
 
 def check_compatible(store: DeviceStateStore, batch: StateBatch) -> None:
@@ -232,11 +248,11 @@ def check_compatible(store: DeviceStateStore, batch: StateBatch) -> None:
         raise StateModelMismatchError(
             f"state of {len(batch)} device(s) (e.g. {batch.device_ids[0] if len(batch) else '-'!r}) is from model "
             f"version {batch.model_version!r}, expected {store.model_version!r}")
-    if (batch.num_layers, batch.hidden_size, batch.n_features) != (store.num_layers, store.hidden_size,
-                                                                   store.n_features):
+    if (batch.num_layers, batch.hidden_size, batch.n_features, batch.n_context) != (
+            store.num_layers, store.hidden_size, store.n_features, store.n_context):
         raise StateModelMismatchError(
-            f"state has shape L={batch.num_layers} H={batch.hidden_size} F={batch.n_features}, expected "
-            f"L={store.num_layers} H={store.hidden_size} F={store.n_features}")
+            f"state has shape L={batch.num_layers} H={batch.hidden_size} F={batch.n_features} Fc={batch.n_context}, "
+            f"expected L={store.num_layers} H={store.hidden_size} F={store.n_features} Fc={store.n_context}")
 
 
 def load_states(store: DeviceStateStore, batch: StateBatch) -> None:

@@ -15,7 +15,7 @@ What it must not do: know about Kafka or partitions (``streams.state.changelog``
 topics), encode bytes (:mod:`anomaly.snapshots` imports this module, never the reverse), or score
 readings (``anomaly.detector`` does).
 
-Memory: ``2·L·H·4`` bytes of h/c plus ``14·F + 33`` bytes of scalars per slot, plus the id
+Memory: ``2·L·H·4`` bytes of h/c plus ``14·F + 4·Fc + 33`` bytes of scalars per slot (Fc context inputs), plus the id
 dictionary; a store made for the novelty episode rule (``novelty_alphas`` > 0) adds the novelty records,
 ``16·K·A + 16·F + 16·K + 8`` bytes per slot (:class:`anomaly.adaptation.NoveltyRecords`), and one with a
 seasonal period P adds the seasonal profile, ``4·P·F`` bytes per slot (only then allocated).
@@ -50,18 +50,20 @@ class StateField:
     ----------
     name : the store's attribute.
     dtype : the dtype in memory; a snapshot writes it little-endian (:attr:`wire_dtype`).
-    width : the shape per slot: ``"one"`` (a scalar), ``"features"`` (``[F]``) or ``"hidden"`` (``[L, H]``:
-        the LSTM state, a torch slab ``[L, C, H]`` in the store).
-    fill : the value of a new slot.
-    on_reset : what :meth:`DeviceStateStore.reset` does: ``"fill"`` refills it, ``"episode"`` refills it
-        unless the reset keeps the episode (a gap under the novelty rule), ``"keep"`` leaves it.
+    width : the shape per slot: ``"one"`` (a scalar), ``"features"`` (``[F]``), ``"context"`` (``[Fc]``, the
+        context inputs) or ``"hidden"`` (``[L, H]``: the LSTM state, a torch slab ``[L, C, H]`` in the store).
+    fill : the value of a new (or removed) slot.
+    on_reset : what :meth:`DeviceStateStore.reset` (a gap) does: ``"fill"`` refills it, ``"episode"`` refills
+        it unless the reset keeps the episode (a gap under the novelty rule), ``"keep"`` leaves it.
+    since : the snapshot format that added the field; decoding an older blob gives every device ``fill``.
     """
 
     name: str
     dtype: str
-    width: Literal["one", "features", "hidden"]
+    width: Literal["one", "features", "context", "hidden"]
     fill: float | int | bool
     on_reset: Literal["fill", "episode", "keep"] = "fill"
+    since: int = 2
 
     @property
     def wire_dtype(self) -> str:
@@ -82,6 +84,9 @@ FIELDS: tuple[StateField, ...] = (
     StateField("last_input", "float32", "features", 0.0),
     StateField("residual_ratio", "float32", "features", 1.0),
     StateField("repeat_run", "int16", "features", 0),
+    # the last known value of each context input (scaled; NaN: none yet). A gap keeps it: a commanded mode
+    # or setpoint holds until changed, whatever the network's state
+    StateField("last_context", "float32", "context", float("nan"), "keep", since=3),
 )
 """Every per-slot field, in snapshot order (the novelty records and seasonal profile, optional, follow)."""
 
@@ -112,6 +117,8 @@ class DeviceStateStore:
     (see :func:`anomaly.scoring.normalize_residuals`); 1 for a new device
     repeat_run : ``[C, F]`` int16, consecutive readings in which each feature repeated its previous
     value exactly (a stuck sensor, see :func:`anomaly.scoring.repeat_runs`)
+    last_context : ``[C, Fc]`` float32, the last known (scaled) value of each context input, NaN if none
+    yet; kept across a gap reset
     novelty : :class:`~anomaly.adaptation.NoveltyRecords` of C slots, or ``None`` unless the store was
     made with ``novelty_alphas`` > 0 (the novelty episode rule); two error channels when
     ``seasonal_period`` > 0, one otherwise. A gap reset keeps them (they are what the device has done,
@@ -133,12 +140,13 @@ class DeviceStateStore:
     """
 
     def __init__(self, num_layers: int, hidden_size: int, n_features: int, model_version: str = "",
-                 capacity: int = 1024, novelty_alphas: int = 0, seasonal_period: int = 0):
+                 capacity: int = 1024, novelty_alphas: int = 0, seasonal_period: int = 0, n_context: int = 0):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.num_layers = num_layers
         self.hidden_size = hidden_size
         self.n_features = n_features
+        self.n_context = n_context
         self.model_version = model_version
         self._slots: dict[str, int] = {}
         self._ids: list[str | None] = []
@@ -210,14 +218,14 @@ class DeviceStateStore:
                     self._ids.append(device)
                 self._slots[device] = slot
                 slots[i] = slot
-            self.reset(slots[new])
+            self._clear(slots[new])
         if isinstance(device_ids, np.ndarray):  # copies: the caller may reuse its arrays
             self._last_lookup = (device_ids.copy(), slots.copy())
         return slots
 
     def width_shape(self, spec: StateField) -> tuple[int, ...]:
-        """The shape of ``spec`` per slot: ``()``, ``(F,)`` or ``(L, H)``."""
-        return {"one": (), "features": (self.n_features,),
+        """The shape of ``spec`` per slot: ``()``, ``(F,)``, ``(Fc,)`` or ``(L, H)``."""
+        return {"one": (), "features": (self.n_features,), "context": (self.n_context,),
                 "hidden": (self.num_layers, self.hidden_size)}[spec.width]
 
     def _allocate(self, spec: StateField, capacity: int) -> np.ndarray | torch.Tensor:
@@ -245,24 +253,35 @@ class DeviceStateStore:
         self.capacity = capacity
 
     def reset(self, slots: np.ndarray, keep_novelty: bool = False) -> None:
-        """Zero the state of ``slots`` (a new device, or one restarting after a gap); keeps ``last_ts``.
+        """Restart the state of ``slots`` after a gap: refill the fields whose ``on_reset`` says so (``last_ts``
+        and ``last_context`` stay).
 
         ``keep_novelty``: keep the novelty records, the episode they decide (``in_episode``,
         ``run_length``, ``episode_start``) and the seasonal profile: a gap reset under the novelty rule
         restarts the network, not the device's history.
         """
-        idx = torch.as_tensor(slots, dtype=torch.long)
-        for spec in FIELDS:
-            if spec.on_reset == "keep" or (spec.on_reset == "episode" and keep_novelty):
-                continue
-            if spec.width == "hidden":
-                getattr(self, spec.name)[:, idx] = float(spec.fill)
-            else:
-                getattr(self, spec.name)[slots] = spec.fill
+        self._fill(slots, tuple(spec for spec in FIELDS if spec.on_reset == "fill"
+                                or (spec.on_reset == "episode" and not keep_novelty)))
         if self.novelty is not None and not keep_novelty:
             self.novelty.reset(slots)
         if self.season is not None and not keep_novelty:
             self.season[slots] = np.nan
+
+    def _clear(self, slots: np.ndarray) -> None:
+        """Every field of ``slots`` at its fill value: a new device, or a removed one."""
+        self._fill(slots, FIELDS)
+        if self.novelty is not None:
+            self.novelty.reset(slots)
+        if self.season is not None:
+            self.season[slots] = np.nan
+
+    def _fill(self, slots: np.ndarray, specs: Sequence[StateField]) -> None:
+        idx = torch.as_tensor(slots, dtype=torch.long)
+        for spec in specs:
+            if spec.width == "hidden":
+                getattr(self, spec.name)[:, idx] = float(spec.fill)
+            else:
+                getattr(self, spec.name)[slots] = spec.fill
 
     def remove(self, device_ids: Iterable[str]) -> int:
         """Drop devices' state (e.g. their partition was revoked); returns how many were held."""
@@ -275,9 +294,7 @@ class DeviceStateStore:
                 self._free.append(slot)
                 removed.append(slot)
         if removed:
-            slots = np.asarray(removed, dtype=np.int64)
-            self.reset(slots)
-            self.last_ts[slots] = NO_TIMESTAMP
+            self._clear(np.asarray(removed, dtype=np.int64))
         return len(removed)
 
     def evict_idle(self, now_ms: int, ttl_ms: int) -> list[str]:

@@ -189,7 +189,7 @@ class Adam:
 
 
 def _pieces(series: list[np.ndarray], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut scaled series into contiguous pieces ``[S, length, F]`` with a validity mask ``[S, length]``."""
+    """Cut scaled series into contiguous pieces ``[S, length, F + Fc]`` with a validity mask ``[S, length]``."""
     pieces, masks = [], []
     for values in series:
         for start in range(0, len(values) - 1, length):
@@ -203,7 +203,8 @@ def _pieces(series: list[np.ndarray], length: int) -> tuple[torch.Tensor, torch.
 
 
 def _stream_predictions(model: LSTMForecaster, series: list[np.ndarray]) -> list[np.ndarray]:
-    """One-step forecasts of each whole series from a zero state (what the detector computes)."""
+    """One-step forecasts ``[T, F]`` of each whole series (``[T, F + Fc]`` inputs) from a zero state (what the
+    detector computes)."""
     lengths = torch.as_tensor([len(s) for s in series])
     x = torch.zeros(len(series), int(lengths.max()), series[0].shape[1])
     for i, s in enumerate(series):
@@ -216,7 +217,7 @@ def _stream_predictions(model: LSTMForecaster, series: list[np.ndarray]) -> list
 def fit(frame: pd.DataFrame, features: Sequence[str], time_col: str, device_col: str | None = None, *,
         config: TrainingConfig | None = None, detector: DetectorConfig | None = None,
         name: str = "sensor-anomaly", version: str = "1", progress: bool = True,
-        **overrides: Any) -> ModelBundle:
+        context: Sequence[str] = (), **overrides: Any) -> ModelBundle:
     """Train a forecaster on normal history and calibrate its scorer.
 
     Parameters
@@ -225,6 +226,8 @@ def fit(frame: pd.DataFrame, features: Sequence[str], time_col: str, device_col:
     features : the numeric columns to model, in the order the model will use.
     time_col : timestamps (ISO-8601, datetimes or epoch ms); device_col : device ids, or ``None``
         for a single device.
+    context : numeric columns the model sees as inputs at every step but never forecasts or scores
+        (commands, setpoints, operating modes); scaled like the features, by a scaler of their own.
     config : hyperparameters; keyword ``overrides`` replace single fields (``epochs=5``).
     detector : detector settings; its ``threshold`` is replaced by the calibrated one and its
         ``nominal_interval_ms`` by the median interval of the data.
@@ -246,17 +249,26 @@ def fit(frame: pd.DataFrame, features: Sequence[str], time_col: str, device_col:
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _fit(frame, features, time_col, device_col, cfg, det, name, version, progress)
+        return _fit(frame, features, context, time_col, device_col, cfg, det, name, version, progress)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _fit(frame: pd.DataFrame, features: Sequence[str], time_col: str, device_col: str | None, cfg: TrainingConfig,
-         det: DetectorConfig, name: str, version: str, progress: bool) -> ModelBundle:
+def _fit(frame: pd.DataFrame, features: Sequence[str], context: Sequence[str], time_col: str,
+         device_col: str | None, cfg: TrainingConfig, det: DetectorConfig, name: str, version: str,
+         progress: bool) -> ModelBundle:
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    series = prepare_series(frame, features, time_col, device_col)
+    for what, names in (("features", features), ("context", context)):
+        if isinstance(names, str):
+            raise DataError(f"{what} must be a list of column names, got the string {names!r}")
+    context = tuple(context)
+    both = sorted(set(features) & set(context))
+    if both:
+        raise DataError(f"column(s) {both} cannot be both a feature and a context input")
+    n_f = len(features)
+    series = prepare_series(frame, [*features, *context], time_col, device_col)  # values [T, F + Fc]
     devices = list(series)
     n_rows = sum(len(v) for _, v in series.values())
     min_rows = max(2 * det.warmup_steps + 20, 4 * cfg.window)
@@ -276,12 +288,16 @@ def _fit(frame: pd.DataFrame, features: Sequence[str], time_col: str, device_col
             f"(window={cfg.window}, warmup_steps={det.warmup_steps}); {len(devices)} device(s), {n_rows} rows"
             + (f", {short} device(s) too short for val_fraction={cfg.val_fraction}" if short else ""))
     train_raw = np.concatenate([series[d][1][:splits[d]] for d in usable])
-    scaler = Scaler.fit(train_raw)
-    scaled = {d: scaler.transform(series[d][1]) for d in usable}
+    scaler = Scaler.fit(train_raw[:, :n_f])
+    context_scaler = Scaler.fit(train_raw[:, n_f:]) if context else None
+    scaled = {d: scaler.transform(series[d][1][:, :n_f]) for d in usable}  # the model's inputs: features, context
+    if context_scaler is not None:
+        scaled = {d: np.concatenate([x, context_scaler.transform(series[d][1][:, n_f:])], axis=1)
+                  for d, x in scaled.items()}
     diffs = np.concatenate([np.diff(series[d][0]) for d in usable])
     interval = int(np.median(diffs[diffs > 0])) if (diffs > 0).any() else det.nominal_interval_ms
 
-    model = LSTMForecaster(len(features), cfg.hidden_size, cfg.num_layers, cfg.dropout)
+    model = LSTMForecaster(n_f, cfg.hidden_size, cfg.num_layers, cfg.dropout, n_context=len(context))
     x_all, mask_all = _pieces([scaled[d][:splits[d]] for d in usable], cfg.piece_length)
     optimiser = Adam(model.parameters(), lr=cfg.learning_rate)
     loss_fn = nn.MSELoss(reduction="none")
@@ -303,10 +319,10 @@ def _fit(frame: pd.DataFrame, features: Sequence[str], time_col: str, device_col
                 weight = (mb[:, c0 + 1:c1 + 1] & mb[:, c0:c1]).float()
                 if c0 == 0:
                     weight[:, :cfg.burn_in] = 0.0
-                denom = weight.sum() * len(features)
+                denom = weight.sum() * n_f
                 if denom == 0:
                     continue
-                loss = (loss_fn(pred, xb[:, c0 + 1:c1 + 1]).sum(-1) * weight).sum() / denom
+                loss = (loss_fn(pred, xb[:, c0 + 1:c1 + 1, :n_f]).sum(-1) * weight).sum() / denom
                 optimiser.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -335,18 +351,18 @@ def _fit(frame: pd.DataFrame, features: Sequence[str], time_col: str, device_col
     model.eval()
 
     scorer, threshold = _calibrate(model, [scaled[d] for d in usable], [splits[d] for d in usable], det)
-    stuck_after = det.stuck_after or _stuck_limits([series[d][1] for d in usable])
+    stuck_after = det.stuck_after or _stuck_limits([series[d][1][:, :n_f] for d in usable])
     period, seasonal_scorer, seasonal_info = None, None, None
     if cfg.seasonal:
         period, seasonal_scorer, seasonal_info = _calibrate_seasonal(
-            [series[d][0] for d in usable], [scaled[d] for d in usable], interval, det.seasonal_alpha)
+            [series[d][0] for d in usable], [scaled[d][:, :n_f] for d in usable], interval, det.seasonal_alpha)
     summary = {
         "rows": n_rows, "devices": len(devices), "devices_used": len(usable),
         "time_range": [int(min(series[d][0][0] for d in usable)), int(max(series[d][0][-1] for d in usable))],
         "epochs": epochs_run, "best_val_loss": best_loss, "history": history,
         "seconds": round(time.perf_counter() - started, 2), "seed": cfg.seed,
         "calibration_residuals": scorer.n_fit, "config": {k: v for k, v in cfg.__dict__.items()},
-        "seasonal": seasonal_info,
+        "seasonal": seasonal_info, "context": list(context),
     }
     logger.info("trained %s v%s on %d rows in %.1f s (best held-out loss %.5f)", name, version, n_rows,
                 summary["seconds"], best_loss)
@@ -354,7 +370,8 @@ def _fit(frame: pd.DataFrame, features: Sequence[str], time_col: str, device_col
                        scorer=scorer,
                        config=replace(det, threshold=threshold, nominal_interval_ms=interval, stuck_after=stuck_after,
                                       seasonal_period=period),
-                       training=summary, seasonal_scorer=seasonal_scorer)
+                       training=summary, seasonal_scorer=seasonal_scorer, context=context,
+                       context_scaler=context_scaler)
 
 
 def _stuck_limits(series: list[np.ndarray]) -> tuple[int, ...]:
@@ -375,7 +392,9 @@ def _stuck_limits(series: list[np.ndarray]) -> tuple[int, ...]:
 
 def _validation_loss(model: LSTMForecaster, series: list[np.ndarray], splits: list[int]) -> float:
     preds = _stream_predictions(model, series)
-    errs = [((p[split - 1:-1] - s[split:]) ** 2).mean() for p, s, split in zip(preds, series, splits, strict=True)]
+    n_f = model.n_features
+    errs = [((p[split - 1:-1] - s[split:, :n_f]) ** 2).mean()
+            for p, s, split in zip(preds, series, splits, strict=True)]
     return float(np.mean(errs))
 
 
@@ -387,7 +406,7 @@ def _calibrate(model: LSTMForecaster, series: list[np.ndarray], splits: list[int
     whole series (so a device's scale has adapted by the time its held-out part starts).
     """
     preds = _stream_predictions(model, series)
-    full = [s[1:] - p[:-1] for p, s in zip(preds, series, strict=True)]  # full[d][i] is reading i + 1's
+    full = [s[1:, :model.n_features] - p[:-1] for p, s in zip(preds, series, strict=True)]  # reading i + 1's
     firsts = [max(split, det.warmup_steps) - 1 for split in splits]  # index of the first held-out residual
     held_out = [r[first:] for r, first in zip(full, firsts, strict=True)]
     if sum(len(r) for r in held_out) < CALIBRATION_MIN:

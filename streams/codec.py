@@ -20,10 +20,13 @@ Validation rules (each failure names a :class:`DeadLetterReason`):
 * **All or nothing per message.** A message is accepted whole or dead-lettered whole: a window with
   one bad reading goes to the DLQ with all its readings, so a replay of the DLQ re-sends exactly
   what the producer sent, and a device never gets half a window.
-* **Features.** Names the model does not know are ignored and counted
+* **Features.** The model's inputs are its features, then its context inputs (commands, setpoints,
+  modes: ``ModelBundle.inputs``); both come in ``values`` under the same rules, and "feature" below means
+  either. Names the model does not know are ignored and counted
   (:attr:`DecodedBatch.unknown_features`), and their values are not checked. Model features that
-  are absent or ``null`` become NaN, which the detector treats as missing. A reading with no
-  model feature carrying a number is dead-lettered (``no_known_features``). Values must be JSON
+  are absent or ``null`` become NaN, which the detector treats as missing (a context input: its last
+  known value). A reading with no model feature carrying a number is dead-lettered
+  (``no_known_features``); one with context values only is valid (it updates the device's context). Values must be JSON
   numbers (``true``/``false`` and numeric strings are ``wrong_type``), finite and inside float32
   range (``non_finite_value``; this includes the non-standard ``NaN``/``Infinity`` tokens that
   Python's ``json.dumps`` writes).
@@ -262,7 +265,8 @@ def decode_records(
         Consumed records in poll order (``topic``, ``partition``, ``offset``, ``key``, ``value``,
         ``timestamp``, ``headers``), with key and value as bytes, e.g. kafka-python ``ConsumerRecord``.
     features : sequence of str
-        The model's feature names, in the model's order (columns of ``batch.values``).
+        The model's input names (``ModelBundle.inputs``: features, then context inputs), in the model's
+        order (columns of ``batch.values``).
     max_message_bytes : int
         Longer values are dead-lettered as ``oversized`` without being parsed.
     max_window_readings : int

@@ -391,7 +391,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.model is not None and not features:
         from anomaly.registry import load_model_dir
 
-        features = list(load_model_dir(args.model)[0].features)
+        features = list(load_model_dir(args.model)[0].inputs)
     security = config.kafka_security()
     summary = export_topic(config.bootstrap_servers, args.topic, args.out, since=args.since, until=args.until,
                            events=args.events, features=features, with_source=args.with_source,

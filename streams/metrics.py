@@ -76,7 +76,7 @@ DEFAULT_METRICS_PORT = 9400
 
 READING_OUTCOMES: tuple[str, ...] = (*(status.label for status in ReadingStatus), "invalid")
 """``outcome`` of ``sensor_anomaly_readings_total``: the detector's :class:`~anomaly.events.ReadingStatus`
-labels (scored, warmup, duplicate, out_of_order), plus ``invalid`` for readings the codec rejected."""
+labels (scored, warmup, duplicate, out_of_order, empty, context), plus ``invalid`` for readings the codec rejected."""
 
 DEAD_LETTER_REASONS: tuple[str, ...] = tuple(reason.value for reason in DeadLetterReason)
 """``reason`` of ``sensor_anomaly_dead_letters_total``: the codec's :class:`~streams.codec.DeadLetterReason`

@@ -440,7 +440,7 @@ class StreamProcessor:
         if cfg.exactly_once and not self._in_transaction:
             self.producer.begin_transaction()
             self._in_transaction = True
-        decoded = decode_records(records, self.detector.features, max_message_bytes=cfg.max_message_bytes)
+        decoded = decode_records(records, self.detector.inputs, max_message_bytes=cfg.max_message_bytes)
         result = self.detector.process(decoded.batch)
         send = self.producer.send
         futures = self._futures

@@ -124,11 +124,10 @@ class MslRun:
 
 
 def _msl_ours(channel: MslChannel, settings: EvalSettings, context: bool) -> tuple[np.ndarray, np.ndarray, float]:
-    if context:
-        raise DataError("context inputs are not supported yet")
-    features, _ = msl_columns(channel.train.shape[1])
-    bundle = _train(_frame(channel.train), features, _TIME, settings, channel.chan_id)
-    streamed = _stream(bundle, _frame(channel.test), features, _TIME, settings)
+    features, commands = msl_columns(channel.train.shape[1])
+    context = commands if context else []
+    bundle = _train(_frame(channel.train), features, _TIME, settings, channel.chan_id, context=context)
+    streamed = _stream(bundle, _frame(channel.test), list(bundle.inputs), _TIME, settings)
     if settings.score_source == "detector":
         return streamed.score, streamed.anomalous, float(bundle.config.threshold)
     return streamed.novelty, streamed.anomalous, bundle.config.novelty.threshold

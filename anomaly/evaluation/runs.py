@@ -181,7 +181,7 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 def _train(frame: pd.DataFrame, features: Sequence[str], time_col: str, settings: EvalSettings,
-           name: str) -> ModelBundle:
+           name: str, context: Sequence[str] = ()) -> ModelBundle:
     rows = len(frame)
     detector = settings.detector_config()
     val_fraction = min(0.5, max(0.25, settings.min_val_rows / max(rows, 1)))
@@ -189,7 +189,7 @@ def _train(frame: pd.DataFrame, features: Sequence[str], time_col: str, settings
         return fit(frame, list(features), time_col=time_col, hidden_size=settings.hidden_size,
                    epochs=settings.epochs, window=settings.window, piece_length=settings.piece_length,
                    val_fraction=val_fraction, seed=settings.seed, detector=detector, name=name, progress=False,
-                   seasonal=settings.seasonal)
+                   seasonal=settings.seasonal, context=context)
     except TrainingError as exc:
         raise TrainingError(f"{name}: cannot train on its {rows} training rows: {exc}") from exc
 
@@ -213,7 +213,8 @@ class _Streamed:
 
 def _stream(bundle: ModelBundle, frame: pd.DataFrame, features: Sequence[str], time_col: str,
             settings: EvalSettings) -> _Streamed:
-    """Feed ``frame`` in order, ``chunk_rows`` at a time, through the service's detector path."""
+    """Feed ``frame`` in order, ``chunk_rows`` at a time, through the service's detector path (``features``:
+    the bundle's inputs, context included)."""
     det = StreamingDetector(bundle, capacity=4)
     batch = _batch(frame, features, time_col)
     n = len(batch)
@@ -554,8 +555,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.benchmark == "msl":
         from anomaly.evaluation.msl import format_msl, run_msl  # it imports this module
 
-        msl = run_msl(args.data, args.out, args.detector, settings=settings, progress=not args.quiet,
-                      plots=not args.no_plots)
+        msl = run_msl(args.data, args.out, args.detector, context=args.context, settings=settings,
+                      progress=not args.quiet, plots=not args.no_plots)
         print(format_msl(msl))
     elif args.benchmark == "nab":
         nab = run_nab(args.data, args.out, args.detector, settings=settings, progress=not args.quiet,
@@ -595,4 +596,8 @@ def add_evaluate_arguments(evaluate: argparse.ArgumentParser) -> None:
         cmd.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
         cmd.add_argument("--no-plots", action="store_true", help="write no PNG per file")
         cmd.add_argument("--quiet", action="store_true", help="no progress bar")
+        if name == "msl":
+            cmd.add_argument("--context", action="store_true",
+                             help="feed columns 1.. (the commands) to the model as context inputs (default: "
+                                  "the telemetry column alone)")
         cmd.set_defaults(func=_cmd_evaluate)

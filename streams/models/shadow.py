@@ -118,7 +118,7 @@ class ShadowScorer:
     bundle : ModelBundle
         The shadow (candidate) model.
     live : ModelBundle
-        The live model: the shadow must use its features in its order.
+        The live model: the shadow must use its features and context inputs in their order.
     metrics : ServiceMetrics, optional
     match_window_ms : int, optional
         Event-time window for matching starts (default ``MATCH_WINDOW_READINGS`` live intervals).
@@ -132,7 +132,7 @@ class ShadowScorer:
     >>> messages = [encode_reading("a", 1_704_067_200_000 + 1000 * i, {"x": 1.0}) for i in range(5)]
     >>> records = [Record(topic="t", partition=0, offset=i, timestamp=-1, headers=[], key=key, value=value)
     ...            for i, (key, value) in enumerate(messages)]
-    >>> decoded = decode_records(records, live.features)
+    >>> decoded = decode_records(records, live.inputs)
     >>> shadow.process(decoded, StreamingDetector(live).process(decoded.batch)), shadow.detector.model_version
     ([], '2')
     """

@@ -188,7 +188,8 @@ class ModelWatcher:
     def apply(self, switch: ModelSwitch, old: StreamingDetector) -> HandOver:
         """Apply the state rule from ``old`` to ``switch.detector``; call right before using the new detector.
 
-        Carries each device's last timestamp over (so duplicates stay dropped), closes open episodes
+        Carries each device's last timestamp over (so duplicates stay dropped) and its last known context
+        values (a commanded mode holds whatever the model; rescaled to the new bundle), closes open episodes
         with ``end`` events of the old model, and records the switch in the metrics (reload success,
         model info, devices reset, the closing events as ``end`` events).
 
@@ -202,6 +203,9 @@ class ModelWatcher:
             old_slots = old_store.slots_for(ids)  # all present: no allocation
             new_slots = new_store.slots_for(ids)
             new_store.last_ts[new_slots] = old_store.last_ts[old_slots]
+            if new_store.n_context:  # the schema check made the context inputs the same: rescale the last values
+                raw = old.bundle.context_scaler.inverse(old_store.last_context[old_slots])  # type: ignore[union-attr]
+                new_store.last_context[new_slots] = switch.bundle.context_scaler.transform(raw)  # type: ignore[union-attr]
             for i in np.flatnonzero(old_store.in_episode[old_slots]).tolist():
                 slot = old_slots[i]
                 closing.append(AnomalyEvent(

@@ -253,7 +253,7 @@ def _delete(key: str):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (_set("format_version", 2), "unsupported format_version 2"),
+    (_set("format_version", 3), "unsupported format_version 3"),
     (_set("format_version", "1"), "unsupported format_version '1'"),
     (_set("format_version", True), "unsupported format_version True"),
     (_delete("format_version"), "unsupported format_version None"),
@@ -379,3 +379,41 @@ def test_a_seasonal_period_needs_a_seasonal_scorer_of_the_bundles_features(bundl
     edit_metadata(saved, lambda m: m.update(seasonal_scorer={"centre": [0.0]}))
     with pytest.raises(BundleError, match="invalid seasonal_scorer"):
         ModelBundle.load(saved)
+
+
+# ------------------------------------------------------------------------------------ context inputs
+
+
+def test_a_bundle_with_context_survives_save_and_load_and_scores_the_same(tmp_path):
+    torch.manual_seed(4)
+    b = ModelBundle.untrained(("temp",), hidden_size=8, context=("valve", "mode"), name="pumps", version="2")
+    with torch.no_grad():
+        for p in b.model.parameters():
+            p.normal_(0, 0.2)
+    b = replace(b, context_scaler=Scaler(np.array([0.5, 2.0], np.float32), np.array([0.5, 1.0], np.float32)))
+    loaded = ModelBundle.load(b.save(tmp_path / "m"))
+    meta = json.loads((tmp_path / "m" / METADATA_FILE).read_text())
+    assert meta["format_version"] == 2 and meta["context"] == ["valve", "mode"]
+    assert loaded.context == ("valve", "mode") and loaded.inputs == ("temp", "valve", "mode")
+    np.testing.assert_array_equal(loaded.context_scaler.mean, [0.5, 2.0])
+    rng = np.random.default_rng(0)
+    batch = ReadingBatch.from_arrays(["a"] * 30, np.arange(30) * 1000, rng.normal(size=(30, 3)))
+    np.testing.assert_array_equal(StreamingDetector(b).process(batch).scores,
+                                  StreamingDetector(loaded).process(batch).scores)
+
+
+def test_a_bundle_without_context_is_still_written_as_format_1(saved):
+    meta = json.loads((saved / METADATA_FILE).read_text())
+    assert meta["format_version"] == 1 and "context" not in meta and ModelBundle.load(saved).context == ()
+
+
+def test_context_fields_are_checked(saved, tmp_path):
+    edit_metadata(saved, lambda m: m.update(context=["valve"], context_scaler={"mean": [0.0], "scale": [1.0]}))
+    with pytest.raises(BundleError, match="format_version 1 cannot carry context"):
+        ModelBundle.load(saved)
+    with_context = ModelBundle.untrained(("temp",), hidden_size=4, context=("valve",)).save(tmp_path / "c")
+    edit_metadata(with_context, lambda m: m.update(context_scaler={"mean": [0.0, 1.0], "scale": [1.0, 1.0]}))
+    with pytest.raises(BundleError, match="context_scaler has"):
+        ModelBundle.load(with_context)
+    with pytest.raises(BundleError, match="not features"):
+        ModelBundle.untrained(("temp",), hidden_size=4, context=("temp",))

@@ -138,6 +138,18 @@ def test_train_can_make_the_bundle_the_benchmark_results_use(files, tmp_path, ca
     assert "--seasonal needs --episode-rule novelty" in capsys.readouterr().err
 
 
+def test_train_with_context_columns_and_score_them(files, tmp_path, capsys):
+    out = tmp_path / "ctx"
+    assert main(["train", "--data", str(files["ok.csv"]), "--out", str(out), *TRAIN_FLAGS, "--context", "y"]) == 0
+    assert "features x, context y)" in capsys.readouterr().out  # --features defaults to the other numeric columns
+    bundle = ModelBundle.load(out)
+    assert bundle.features == ("x",) and bundle.context == ("y",)
+    scores = tmp_path / "scores.csv"
+    assert main(["score", "--model", str(out), "--data", str(files["ok.csv"]), "--out", str(scores)]) == 0
+    table = pd.read_csv(scores)
+    assert "expected_x" in table and "expected_y" not in table and (table["status"] == "scored").sum() > 500
+
+
 def test_csv_and_parquet_train_the_same_model(pipelines):
     a, b = (ModelBundle.load(pipelines[k]["model"]) for k in ("csv", "parquet"))
     for key, tensor in a.model.state_dict().items():

@@ -151,7 +151,7 @@ def test_duplicates_and_out_of_order_readings_are_dropped_and_counted():
     res = det.process(ReadingBatch.from_arrays(["d", "d", "d", "d"], [4000, 2000, 5000, 5000],
                                                device_series(1, 4)))
     assert [ReadingStatus(s).label for s in res.status] == ["duplicate", "out_of_order", "scored", "duplicate"]
-    assert res.counts() == {"scored": 1, "warmup": 0, "duplicate": 2, "out_of_order": 1, "empty": 0}
+    assert res.counts() == {"scored": 1, "warmup": 0, "duplicate": 2, "out_of_order": 1, "empty": 0, "context": 0}
     assert np.isnan(res.scores[[0, 1, 3]]).all()
     assert det.store.steps[det.store.slot_of("d")] == steps_before + 1
 
@@ -415,3 +415,107 @@ def test_a_daily_switch_on_is_explained_by_the_cycle_but_a_switch_on_at_another_
     assert own.alerts[routine].sum() >= 2 and (own.alerts[routine] <= switch_rows[routine]).all()
     assert not explained.alerts[routine].any()
     assert explained.alerts[odd].any() and np.flatnonzero(explained.alerts & odd)[0] <= np.flatnonzero(odd)[0] + 1
+
+
+# ------------------------------------------------------------------------------------ context inputs
+
+
+def context_bundle(head: bool = True, **config) -> ModelBundle:
+    """Features a, b and context input "mode"; ``head``: forecasts depend on the state (and so on the context)."""
+    torch.manual_seed(2)
+    scorer = NormalErrorModel.fit(np.random.default_rng(0).normal(scale=0.3, size=(2000, 2)))
+    bundle = ModelBundle.untrained(("a", "b"), hidden_size=8, scorer=scorer, version="9", context=("mode",))
+    if head:
+        with torch.no_grad():
+            bundle.model.head.weight.normal_(0, 0.3)
+    return bundle.with_config(**({"warmup_steps": 3, "threshold": 3.0, "cooldown": 2, "nominal_interval_ms": 1000}
+                                 | config))
+
+
+def context_series(length: int = 40) -> np.ndarray:
+    """[length, 3]: a, b (small noise) and mode (0)."""
+    values = np.zeros((length, 3), dtype=np.float32)
+    values[:, :2] = np.random.default_rng(5).normal(scale=0.05, size=(length, 2))
+    return values
+
+
+def test_a_change_in_a_context_column_alone_raises_nothing_while_the_same_change_in_a_feature_does():
+    ts = 1000 * np.arange(40)
+    commanded = context_series()
+    commanded[20:, 2] = 40.0  # the mode jumps and stays
+    res = StreamingDetector(context_bundle(head=False)).process(ReadingBatch.from_arrays(["d"] * 40, ts, commanded))
+    assert res.events == [] and not res.anomalous.any() and res.counts()["scored"] == 37
+    assert res.expected.shape == (40, 2)  # no forecast of the context input
+    sensed = context_series()
+    sensed[20:, 1] = 40.0  # the same jump in feature b
+    res = StreamingDetector(context_bundle(head=False)).process(ReadingBatch.from_arrays(["d"] * 40, ts, sensed))
+    start = res.events[0]
+    assert start.kind == "start" and start.ts_ms == 20_000
+    assert set(start.contributions) == set(start.expected) == set(start.actual) == {"a", "b"}
+
+
+def test_context_reaches_the_network_and_a_missing_value_is_the_last_known_one():
+    ts = 1000 * np.arange(12)
+    given = context_series(12)
+    given[6:, 2] = 2.0
+    sparse = given.copy()
+    sparse[[1, 2, 3, 7, 8, 11], 2] = np.nan  # the mode only when it changes (and a few repeats)
+    full_det, sparse_det = StreamingDetector(context_bundle()), StreamingDetector(context_bundle())
+    full = full_det.process(ReadingBatch.from_arrays(["d"] * 12, ts, given))
+    part = sparse_det.process(ReadingBatch.from_arrays(["d"] * 12, ts, sparse))
+    np.testing.assert_array_equal(full.scores, part.scores)
+    assert torch.equal(full_det.store.h, sparse_det.store.h)
+    unchanged = StreamingDetector(context_bundle()).process(ReadingBatch.from_arrays(["d"] * 12, ts,
+                                                                                    context_series(12)))
+    assert not np.allclose(full.scores[7:], unchanged.scores[7:])  # the mode did change the forecasts
+
+
+def test_a_context_only_reading_updates_the_context_and_nothing_else():
+    bundle = context_bundle()
+    values = context_series(8)
+    values[5:, 2] = 3.0
+    together = StreamingDetector(bundle)
+    together.process(ReadingBatch.from_arrays(["d"] * 8, 1000 * np.arange(8), values))
+    # the same readings without the mode, and the mode change as a command of its own at 4,500 ms
+    apart = StreamingDetector(bundle)
+    values_apart = values.copy()
+    values_apart[:, 2] = np.nan
+    values_apart[0, 2] = 0.0
+    command = np.array([[np.nan, np.nan, 3.0]], dtype=np.float32)
+    first = apart.process(ReadingBatch.from_arrays(["d"] * 5, 1000 * np.arange(5), values_apart[:5]))
+    res = apart.process(ReadingBatch.from_arrays(["d"] * 4, [6000, 4500, 7000, 5000],
+                                                 np.concatenate([values_apart[[6]], command, values_apart[[7, 5]]])))
+    assert [ReadingStatus(s).label for s in res.status] == ["scored", "context", "scored", "scored"]
+    assert np.isnan(res.scores[1]) and np.isnan(res.expected[1]).all() and first.counts()["context"] == 0
+    assert apart.store.steps[0] == together.store.steps[0] == 8
+    assert torch.equal(apart.store.h, together.store.h)
+    # a command after the last reading is kept for the next call; an old one is out of order
+    later = apart.process(ReadingBatch.from_arrays(["d", "d"], [7500, 3000],
+                                                   np.array([[np.nan, np.nan, -1.0], [np.nan, np.nan, 9.0]],
+                                                            dtype=np.float32)))
+    assert [ReadingStatus(s).label for s in later.status] == ["context", "out_of_order"]
+    assert apart.store.last_context[0, 0] == -1.0 and apart.store.steps[0] == 8 and apart.store.last_ts[0] == 7000
+    empty = apart.process(ReadingBatch.from_arrays(["d"], [8000], np.full((1, 3), np.nan, dtype=np.float32)))
+    assert ReadingStatus(empty.status[0]).label == "empty"
+
+
+def test_context_state_survives_a_snapshot_and_a_gap_reset():
+    bundle = context_bundle(gap_factor=3.0)
+    values = context_series(20)
+    values[:, 2] = np.nan
+    values[0, 2] = 4.0
+    det = StreamingDetector(bundle)
+    det.process(ReadingBatch.from_arrays(["d"] * 10, 1000 * np.arange(10), values[:10]))
+    restored = StreamingDetector(bundle)
+    load_states(restored.store, decode_states(encode_states(det.store, ["d"])))
+    after_gap = 1000 * np.arange(10) + 60_000  # a gap: the network restarts, the mode is still known
+    a = det.process(ReadingBatch.from_arrays(["d"] * 10, after_gap, values[10:]))
+    b = restored.process(ReadingBatch.from_arrays(["d"] * 10, after_gap, values[10:]))
+    assert a.gap_resets == 1 and det.store.last_context[0, 0] == 4.0
+    np.testing.assert_array_equal(a.scores, b.scores)
+
+
+def test_a_batch_without_the_context_columns_is_refused():
+    det = StreamingDetector(context_bundle())
+    with pytest.raises(InvalidReadingError, match=r"expected 2 features \['a', 'b'\] and 1 context inputs"):
+        det.process(ReadingBatch.from_arrays(["d"], [0], [[1.0, 2.0]]))

@@ -16,7 +16,7 @@ from anomaly.snapshots import decode_states, encode_groups, encode_states, load_
 from anomaly.state import DeviceStateStore
 
 FIELDS = ("last_ts", "steps", "smoothed", "in_episode", "run_length", "episode_start", "last_pred", "last_input",
-          "residual_ratio", "repeat_run")
+          "residual_ratio", "repeat_run", "last_context")
 NOVELTY = ("ema", "err_record", "val_hi", "val_lo", "entry_level", "seen", "since_alert")
 
 
@@ -41,6 +41,9 @@ def fill(store: DeviceStateStore, devices: list[str], seed: int) -> None:
     for name in ("last_pred", "last_input", "residual_ratio"):
         getattr(store, name)[slots] = rng.standard_normal((n, store.n_features))
     store.repeat_run[slots] = rng.integers(0, 30000, (n, store.n_features))
+    context = rng.standard_normal((n, store.n_context))
+    context[rng.random(context.shape) < 0.3] = np.nan  # inputs never seen yet
+    store.last_context[slots] = context
     if store.novelty is not None:
         rec = store.novelty
         cols, k = rec.ema.shape[1], rec.n_channels
@@ -69,16 +72,17 @@ def assert_same_state(a: DeviceStateStore, b: DeviceStateStore, devices: list[st
 
 @settings(max_examples=60, deadline=None)
 @given(devices=st.lists(st.text(min_size=1, max_size=20), min_size=0, max_size=12, unique=True),
-       seed=st.integers(0, 2**31), kind=st.sampled_from([(0, 0), (2, 0), (2, 5), (1, 2)]))
-def test_any_devices_round_trip_bit_exact(devices, seed, kind):
+       seed=st.integers(0, 2**31), kind=st.sampled_from([(0, 0), (2, 0), (2, 5), (1, 2)]),
+       n_context=st.sampled_from([0, 3]))
+def test_any_devices_round_trip_bit_exact(devices, seed, kind, n_context):
     novelty, seasonal = kind
-    store = make_store(novelty, seasonal)
+    store = make_store(novelty, seasonal, n_context=n_context)
     if devices:
         fill(store, devices, seed)
     blob = encode_states(store, devices)
     batch = decode_states(blob)
     assert batch.device_ids == devices and batch.model_version == "v1"
-    other = make_store(novelty, seasonal, capacity=1)
+    other = make_store(novelty, seasonal, capacity=1, n_context=n_context)
     fill(other, ["stranger"], seed + 1)  # an unrelated device stays as it was
     load_states(other, batch)
     assert sorted(other.devices()) == sorted([*devices, "stranger"])
@@ -179,3 +183,39 @@ def test_header_with_time_scales_but_no_error_channels_is_refused():
     body = bytes(blob[:-4])
     with pytest.raises(StateFormatError, match="error channels"):
         decode_states(body + struct.pack("<I", zlib.crc32(body)))
+
+
+# a format 2 blob (before context inputs), as the code of that format wrote it: device "pump-7" of a store
+# with L=1, H=2, F=2 and one novelty time scale
+FORMAT_2_BLOB = bytes.fromhex(
+    "534142530201000200000002000101000000000100000002007631060070756d702d370068e5cf8b0100002a00000000000000000040"
+    "3f0103000000c025d6cf8b0100000000003f000080be0000c03f00000040cdcccc3dcdcc4c3e0000803f000080bf0000c03f0000003f"
+    "020000000000000000000000000000000000f87f000000000000f87f000000000000f87f000000000000f87f000000000000f87f0000"
+    "0000000000000000000000000000ffffffffffffff3f930a0958")
+
+
+def test_a_format_2_blob_still_restores_with_no_context():
+    batch = decode_states(FORMAT_2_BLOB)
+    assert batch.device_ids == ["pump-7"] and batch.n_context == 0 and batch.last_context.shape == (1, 0)
+    store = DeviceStateStore(num_layers=1, hidden_size=2, n_features=2, model_version="v1", novelty_alphas=1)
+    load_states(store, batch)
+    slot = store.slot_of("pump-7")
+    assert store.last_ts[slot] == 1_700_000_000_000 and store.steps[slot] == 42 and store.in_episode[slot]
+    assert store.h[0, slot].tolist() == [0.5, -0.25] and store.repeat_run[slot].tolist() == [2, 0]
+    with pytest.raises(StateModelMismatchError, match="Fc=0"):  # a model with context is another model
+        load_states(DeviceStateStore(num_layers=1, hidden_size=2, n_features=2, model_version="v1",
+                                     novelty_alphas=1, n_context=1), batch)
+
+
+def test_context_is_part_of_the_shape_and_survives_a_gap_reset_but_not_a_removal():
+    store = make_store(n_context=2)
+    fill(store, ["a", "b"], 0)
+    store.last_context[store.slot_of("a")] = [0.5, -1.0]
+    with pytest.raises(StateModelMismatchError, match="Fc=2"):
+        load_states(make_store(n_context=1), decode_states(encode_states(store, ["a"])))
+    store.reset(np.array([store.slot_of("a")]))
+    assert store.last_context[store.slot_of("a")].tolist() == [0.5, -1.0] and store.steps[store.slot_of("a")] == 0
+    slot = store.slot_of("a")
+    store.remove(["a"])
+    assert store.slots_for(np.array(["new"], dtype=object))[0] == slot
+    assert np.isnan(store.last_context[slot]).all()

@@ -100,6 +100,8 @@ def test_memory_per_device_is_close_to_the_tensors():
     store = DeviceStateStore(num_layers=1, hidden_size=64, n_features=4, capacity=1000)
     per_slot = store.nbytes() / store.capacity
     assert per_slot == 2 * 64 * 4 + 14 * 4 + 33  # h, c + per-device scalars (see the state.py docstring)
+    with_context = DeviceStateStore(num_layers=1, hidden_size=64, n_features=4, capacity=1000, n_context=3)
+    assert with_context.nbytes() / with_context.capacity == per_slot + 4 * 3
 
 
 def novelty_store(**kw):

@@ -294,3 +294,22 @@ def test_dominant_period_prefers_a_longer_cycle_only_when_it_is_clearly_stronger
     weekend = np.where((t // 24) % 7 >= 5, -1.5, 0.0)  # every 7th and 8th "day" lower: a weekly cycle on top
     assert dominant_period([(daily + rng.normal(0, 0.3, 2000))[:, None]])[0] == 24
     assert dominant_period([(daily + weekend + rng.normal(0, 0.3, 2000))[:, None]])[0] == 168
+
+
+# ----------------------------------------------------------------------------------------------- context inputs
+
+
+def test_context_columns_are_model_inputs_that_are_never_forecast_or_scored():
+    table = fleet()
+    table["mode"] = (np.arange(len(table)) // 50 % 2).astype(float)  # a commanded mode, switching every 50 steps
+    bundle = fit(table, ["x"], time_col="ts", device_col="device", context=["mode"], **FAST)
+    assert bundle.features == ("x",) and bundle.context == ("mode",) and bundle.inputs == ("x", "mode")
+    assert bundle.model.n_inputs == 2 and bundle.scorer.n_features == 1 and len(bundle.scaler.mean) == 1
+    assert bundle.context_scaler.mean[0] == pytest.approx(table["mode"].iloc[:225].mean(), abs=0.1)
+    assert len(bundle.config.stuck_after) == 1 and bundle.training["context"] == ["mode"]
+    res = StreamingDetector(bundle).process(ReadingBatch.from_frame(table, ["x", "mode"], "ts", "device"))
+    assert res.counts()["scored"] > 500 and res.expected.shape == (len(table), 1)
+    with pytest.raises(DataError, match=r"\['x'\] cannot be both a feature and a context input"):
+        fit(table, ["x"], time_col="ts", device_col="device", context=["x"], **FAST)
+    with pytest.raises(DataError, match="context must be a list of column names"):
+        fit(table, ["x"], time_col="ts", device_col="device", context="mode", **FAST)

@@ -631,3 +631,26 @@ def test_float32_boundary_values_are_exact() -> None:
                          FEATURES)
     assert out.batch.values.tolist() == [[f32max, -f32max, tiny]]
     assert math.isfinite(out.batch.values.max())
+
+
+# ------------------------------------------------------------------------------------ context inputs
+
+INPUTS = ["temp", "rpm", "valve"]  # a bundle's inputs: features temp, rpm, then the context input valve
+
+
+@pytest.mark.parametrize(("values", "reason"), [
+    ({"temp": 1.0, "valve": "open"}, "wrong_type"),
+    ({"temp": 1.0, "valve": True}, "wrong_type"),
+    ({"temp": 1.0, "valve": 1e39}, "non_finite_value"),
+    ({"colour": 1.0}, "no_known_features"),
+])
+def test_bad_context_values_get_the_usual_dead_letter_reasons(values: dict, reason: str) -> None:
+    out = decode_records([record(js(reading(values=values)))], INPUTS)
+    assert [d.reason for d in out.dead_letters] == [reason] and len(out.batch) == 0
+
+
+def test_context_values_come_in_values_and_a_context_only_reading_is_valid() -> None:
+    out = decode_records([record(js(reading(values={"temp": 1.5, "valve": 1.0}))),
+                          record(js(reading(ts=TS + 1, values={"valve": 0.0})), offset=1)], INPUTS)
+    assert not out.dead_letters
+    np.testing.assert_array_equal(out.batch.values, [[1.5, np.nan, 1.0], [np.nan, np.nan, 0.0]])

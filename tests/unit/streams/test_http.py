@@ -49,7 +49,7 @@ def test_metrics_endpoint_serves_parseable_text(server: MetricsServer, metrics: 
     readings = {s.labels["outcome"]: s.value for s in families["sensor_anomaly_readings"].samples
                 if s.name == "sensor_anomaly_readings_total"}  # fmt: skip
     assert readings == {"scored": 2.0, "warmup": 0.0, "duplicate": 0.0, "out_of_order": 0.0, "empty": 0.0,
-                        "invalid": 0.0}
+                        "context": 0.0, "invalid": 0.0}
     score = {
         s.labels.get("le"): s.value for s in families["sensor_anomaly_score"].samples if s.name.endswith("_bucket")
     }

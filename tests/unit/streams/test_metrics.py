@@ -49,7 +49,7 @@ def test_known_label_values_exist_at_zero_before_any_observation(metrics: Servic
 
 
 def test_label_values_come_from_the_detector_and_the_codec() -> None:
-    assert READING_OUTCOMES == ("scored", "warmup", "duplicate", "out_of_order", "empty", "invalid")
+    assert READING_OUTCOMES == ("scored", "warmup", "duplicate", "out_of_order", "empty", "context", "invalid")
     assert set(DEAD_LETTER_REASONS) == {r.value for r in DeadLetterReason}
     assert {"invalid_json", "missing_field", "non_finite_value", "key_mismatch"} <= set(DEAD_LETTER_REASONS)
 

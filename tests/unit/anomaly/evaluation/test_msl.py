@@ -101,3 +101,11 @@ def test_evaluate_msl_command_prints_the_counts(msl_root: Path, tmp_path: Path,
     assert code == 0
     assert "precision" in capsys.readouterr().out
     assert (tmp_path / "cli" / "C-1.csv").is_file()
+
+
+def test_msl_run_with_context_feeds_the_commands_to_the_model(msl_root: Path, tmp_path: Path) -> None:
+    msl = run_msl(msl_root, tmp_path / "ctx", settings=SMALL, progress=False, plots=False, context=True,
+                  channels=("A-1",))
+    assert msl.context and len(msl.results["A-1"]) == 450
+    assert json.loads((tmp_path / "ctx" / "summary.json").read_text())["context"] is True
+    assert "with context" in format_msl(msl)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from anomaly.bundle import METADATA_FILE, ModelBundle
+from anomaly.bundle import METADATA_FILE, ModelBundle, Scaler
 from anomaly.detector import StreamingDetector
 from anomaly.events import ReadingStatus
 from anomaly.readings import ReadingBatch
@@ -252,3 +252,32 @@ def test_a_switch_during_an_episode_closes_it_with_an_end_event_of_the_old_versi
     started = [e for _, r in results[:open_after + 1] for e in r.events if e.device_id == "dev-00001"]
     assert started[-1].kind == "start" and closing[0].episode_start_ms == started[-1].ts_ms
     assert len(processed) == len(set(processed)) == len(stream_frame())
+
+
+def test_a_bundle_with_context_is_handed_over_only_to_one_with_the_same_context(tmp_path, metrics, caplog):
+    def with_context(context):
+        return ModelBundle.untrained(FEATURES, hidden_size=8, name="pumps", context=context).with_config(
+            warmup_steps=3)
+
+    registry = ModelRegistry(tmp_path / "models", create=True)
+    registry.publish(with_context(("valve", "mode")), live=True)
+    watcher = watcher_for(registry, metrics)
+    old = StreamingDetector(registry.load_live())
+    registry.publish(with_context(("mode", "valve")), "2")
+    registry.set_live("2", validate=False)
+    with caplog.at_level(logging.ERROR, logger="streams.models.watcher"):
+        assert watcher.check() is None
+    assert "context schema of version 2 is incompatible with version 1" in caplog.text
+    registry.publish(with_context(("valve", "mode")), "3")
+    registry.set_live("3", validate=False)  # the registry would compare it with version 2, the pointer's
+    switch = watcher.check()
+    assert switch is not None and switch.bundle.context == ("valve", "mode")
+    assert switch.detector.store.n_context == 2
+    values = np.zeros((1, 6), dtype=np.float32)
+    values[0, 4:] = [2.0, np.nan]
+    old.process(ReadingBatch.from_arrays(["d"], [1000], values))
+    switch.detector.bundle.context_scaler = Scaler(np.array([1.0, 0.0], np.float32), np.array([2.0, 1.0], np.float32))
+    watcher.apply(switch, old)
+    new_store = switch.detector.store
+    np.testing.assert_array_equal(new_store.last_context[new_store.slot_of("d")], [0.5, np.nan])  # (2 - 1) / 2
+    assert reloads(metrics) == (1.0, 1.0)

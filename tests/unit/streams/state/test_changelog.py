@@ -213,3 +213,20 @@ def test_restore_that_cannot_reach_the_end_times_out():
 def test_empty_partition_list_restores_nothing():
     report = restore_partitions(FakeLog([]), TOPIC, [], make_store(), buckets=BUCKETS)
     assert report.restored == 0 and report.records == 0
+
+
+def test_a_store_with_context_inputs_restores_its_last_context_from_the_changelog():
+    store = DeviceStateStore(num_layers=1, hidden_size=4, n_features=2, model_version="1", n_context=3)
+    store.slots_for(np.array([A, B], dtype=object))
+    store.last_context[store.slot_of(A)] = [1.0, np.nan, -2.0]
+    store.steps[store.slot_of(B)] = 4
+    blobs = {}
+    for device in (A, B):
+        blobs.setdefault(bucket_of(device, BUCKETS), []).append(device)
+    log = FakeLog([(0, bucket_key(bucket, BUCKETS), encode_bucket(encode_states(store, devices), 3))
+                   for bucket, devices in blobs.items()])
+    restored = DeviceStateStore(num_layers=1, hidden_size=4, n_features=2, model_version="1", n_context=3)
+    report = restore_partitions(log, TOPIC, [0], restored, buckets=BUCKETS)
+    assert sorted(report.devices[0]) == sorted([A, B]) and not report.discarded
+    np.testing.assert_array_equal(restored.last_context[restored.slot_of(A)], [1.0, np.nan, -2.0])
+    assert restored.steps[restored.slot_of(B)] == 4 and np.isnan(restored.last_context[restored.slot_of(B)]).all()
