@@ -1,23 +1,28 @@
-"""Detection-quality benchmark: NAB and SKAB for our detector and River's HalfSpaceTrees, one table.
+"""Detection-quality benchmark: NAB, SKAB and MSL for our detector and River's HalfSpaceTrees, one table each.
 
 Why it exists: the README's quality claims come from one command that anyone can rerun. It runs
-``sensor-anomaly evaluate nab`` and ``evaluate skab`` (the same functions, :mod:`anomaly.evaluation.runs`)
-for ``ours`` and ``river-hst``, prints a table next to published numbers, and ends with ONE line of
-JSON holding the headline numbers. It is a benchmark, not a test: it asserts nothing.
+``sensor-anomaly evaluate nab``, ``evaluate skab`` and ``evaluate msl`` (the same functions,
+:mod:`anomaly.evaluation.runs` and :mod:`anomaly.evaluation.msl`) for ``ours`` and ``river-hst`` (on MSL
+ours twice: the telemetry alone, and with the command columns as context inputs), prints tables next to
+published numbers, and ends with ONE line of JSON holding the headline numbers. It is a benchmark, not a
+test: it asserts nothing.
 
-Data: ``--data`` holds ``nab/`` and ``skab/`` (default ``$SENSOR_ANOMALY_DATA`` or ``../shared/data``
-beside the checkout). Results, per-file CSVs and plots go to ``--out`` (default: a temporary folder).
+Data: ``--data`` holds ``nab/``, ``skab/``, ``msl/`` and ``splits.json`` (default ``$SENSOR_ANOMALY_DATA`` or
+``../shared/data`` beside the checkout). Results, per-file CSVs and plots go to ``--out`` (default: a
+temporary folder). MSL figures are also given on halves A and B of ``splits.json``.
 
 JSON keys (last line): ``nab_standard``, ``nab_low_fp``, ``nab_low_fn`` are NAB normalised scores at the
 threshold NAB's optimiser picks with the labels (how published NAB scores are computed);
 ``nab_*_fixed`` the same at the threshold our detector ships with; ``skab_f1`` is a ratio,
-``skab_far``/``skab_mar`` are percentages (SKAB's leaderboard units); ``river_*`` are the baseline's.
+``skab_far``/``skab_mar`` are percentages (SKAB's leaderboard units); ``msl_precision``, ``msl_recall``,
+``msl_f1`` are event-level ratios of ours on the telemetry alone (``msl_context_*``: with the commands as
+context); ``river_*`` are the baseline's.
 
 ``--ablation`` adds NAB runs of our detector with one lever changed at a time (about 1.5 minutes each on
 a shared 2-core machine); ``--markdown FILE`` rewrites the block between ``<!-- quality:begin -->`` and
 ``<!-- quality:end -->`` in FILE with the table; ``--example-plot FILE`` copies one NAB plot there.
 
-Run: ``.venv/bin/python benchmarks/quality.py`` (about 5 minutes on a shared 2-core machine).
+Run: ``.venv/bin/python benchmarks/quality.py`` (about 12 minutes on a shared 2-core machine).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from anomaly.evaluation.msl import TELEMANOM_PUBLISHED, MslRun, run_msl
 from anomaly.evaluation.runs import EvalSettings, NabRun, SkabRun, run_nab, run_skab
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,6 +99,31 @@ def table(nab: dict[str, NabRun], skab: dict[str, SkabRun]) -> str:
     return "\n".join(lines)
 
 
+def msl_table(msl: dict[str, MslRun], halves: dict[str, list[str]]) -> str:
+    """Markdown table of the MSL runs: event counts, precision/recall/F1 in total and on each half."""
+    names = sorted(halves)
+    lines = ["| MSL detector | TP | FP | FN | precision | recall | F1 | "
+             + " | ".join(f"F1 half {h} (P / R)" for h in names) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(names)]
+    for label, run in msl.items():
+        c = run.counts()
+        cells = []
+        for h in names:
+            part = run.counts(halves[h])
+            cells.append(f"{part.f1:.2f} ({part.precision:.2f} / {part.recall:.2f})")
+        lines.append(f"| {label} | {c.tp} | {c.fp} | {c.fn} | {c.precision:.2f} | {c.recall:.2f} | {c.f1:.2f} | "
+                     + " | ".join(cells) + " |")
+    t = TELEMANOM_PUBLISHED
+    lines.append(f"| Telemanom (published) | | | | {t['precision']:.2f} | {t['recall']:.2f} | {t['f1']:.2f} |"
+                 + " |" * len(names))
+    return "\n".join(lines)
+
+
+def _msl_halves(data: Path) -> dict[str, list[str]]:
+    splits = data / "splits.json"
+    return json.loads(splits.read_text()).get("msl", {}) if splits.is_file() else {}
+
+
 def write_markdown(path: Path, body: str) -> None:
     """Replace the marked block of ``path`` with ``body`` (append the block if it is missing)."""
     begin, end = "<!-- quality:begin -->", "<!-- quality:end -->"
@@ -114,7 +145,7 @@ def _ablation_settings(change: dict[str, Any], seed: int) -> EvalSettings:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder holding nab/ and skab/")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder holding nab/, skab/ and msl/")
     parser.add_argument("--out", type=Path, help="results folder (default: a temporary folder)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
     parser.add_argument("--ablation", action="store_true", help="also run NAB with one lever changed at a time")
@@ -138,6 +169,15 @@ def main(argv: list[str] | None = None) -> int:
         skab[detector] = run_skab(args.data / "skab", out / "skab" / detector, detector, settings=settings,
                                   progress=args.progress, plots=plots)
         log(f"SKAB {detector}: F1/FAR%/MAR% {skab[detector].metrics.skab_rounded()} in {skab[detector].seconds:.0f} s")
+    msl: dict[str, MslRun] = {}
+    for label, detector, context in (("ours, telemetry only", "ours", False),
+                                     ("ours, commands as context", "ours", True),
+                                     ("river-hst, telemetry only", "river-hst", False)):
+        msl[label] = run_msl(args.data / "msl", out / "msl" / label.replace(", ", "-").replace(" ", "_"), detector,
+                             context=context, settings=settings, progress=args.progress, plots=detector == "ours")
+        c = msl[label].counts()
+        log(f"MSL {label}: TP/FP/FN {c.tp}/{c.fp}/{c.fn}, precision {c.precision:.3f} recall {c.recall:.3f} "
+            f"F1 {c.f1:.3f} in {msl[label].seconds:.0f} s")
     ablation_lines = []
     if args.ablation:
         for label, change in ABLATIONS.items():
@@ -148,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"| {_fmt(c['low_fn'])} |")
             ablation_lines.append(line)
             log(f"ablation {label}: {line}")
-    text = table(nab, skab)
+    text = table(nab, skab) + "\n\n" + msl_table(msl, _msl_halves(args.data))
     print(text)
     if ablation_lines:
         header = "| NAB, ours with one change | standard | standard @ shipped threshold | low FP | low FN |"
@@ -167,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"copied {EXAMPLE} to {args.example_plot}")
     ours, river = _nab_cells(nab["ours"]), _nab_cells(nab["river-hst"])
     so, sr = skab["ours"].metrics, skab["river-hst"].metrics
+    mo, mc, mr = (msl[k].counts() for k in msl)
     log(f"total {elapsed:.0f} s")
     print(json.dumps({
         "nab_standard": round(ours["standard"], 2), "nab_low_fp": round(ours["low_fp"], 2),
@@ -174,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         "skab_mar": round(100 * so.mar, 2), "river_nab_standard": round(river["standard"], 2),
         "river_skab_f1": round(sr.f1, 4), "nab_standard_fixed": round(ours["standard_fixed"], 2),
         "nab_low_fp_fixed": round(ours["low_fp_fixed"], 2), "nab_low_fn_fixed": round(ours["low_fn_fixed"], 2),
+        "msl_precision": round(mo.precision, 4), "msl_recall": round(mo.recall, 4), "msl_f1": round(mo.f1, 4),
+        "msl_context_precision": round(mc.precision, 4), "msl_context_recall": round(mc.recall, 4),
+        "msl_context_f1": round(mc.f1, 4), "river_msl_f1": round(mr.f1, 4),
         "seconds": round(elapsed, 1)}))
     return 0
 
