@@ -27,7 +27,7 @@ bench: setup ## throughput, latency, memory and recovery benchmarks (each prints
 	$(PY) benchmarks/bench_e2e.py
 	$(PY) benchmarks/bench_recovery.py
 
-quality: setup ## detection quality on NAB, SKAB and MSL, ours vs River's HalfSpaceTrees (about 12 min)
+quality: setup ## detection quality on NAB, SKAB and MSL, ours vs River's HalfSpaceTrees (about 5 min)
 	$(PY) benchmarks/quality.py --markdown benchmarks/RESULTS.md
 
 lint: setup ## ruff

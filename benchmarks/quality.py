@@ -22,7 +22,7 @@ context); ``river_*`` are the baseline's.
 a shared 2-core machine); ``--markdown FILE`` rewrites the block between ``<!-- quality:begin -->`` and
 ``<!-- quality:end -->`` in FILE with the table; ``--example-plot FILE`` copies one NAB plot there.
 
-Run: ``.venv/bin/python benchmarks/quality.py`` (about 12 minutes on a shared 2-core machine).
+Run: ``.venv/bin/python benchmarks/quality.py`` (about 5 minutes on a shared 2-core machine).
 """
 
 from __future__ import annotations
