@@ -568,3 +568,27 @@ def test_a_seasonal_bundles_profiles_travel_through_the_changelog(bundle):
         assert np.isfinite(profile).any(), "the profile learned something"
         np.testing.assert_array_equal(two.season[two.slot_of(device)], profile)
         assert two.steps[two.slot_of(device)] == one.steps[one.slot_of(device)]
+
+
+def test_a_bundle_with_context_takes_commands_from_values_and_its_context_travels_through_the_changelog(bundle):
+    with_context = ModelBundle.untrained(FEATURES, hidden_size=8, name="unit", version="1",
+                                         context=["valve"]).with_config(warmup_steps=1)
+    first = make(with_context)[0]
+    first.step()
+    records = [Record(TOPIC, 0, t, *encode_reading("a", T0 + 1000 * t, {"temp": 1.0, "load": 0.5}), T0, [])
+               for t in range(3)]
+    records.append(Record(TOPIC, 0, 3, *encode_reading("a", T0 + 3500, {"valve": 1.0}), T0, []))  # a command
+    bad = b'{"device_id": "a", "ts": %d, "values": {"valve": "shut"}}' % (T0 + 3600)
+    records.append(Record(TOPIC, 0, 4, b"a", bad, T0, []))
+    first.consumer.polls.append({TopicPartition(TOPIC, 0): records})
+    first.step()
+    assert len([sent for sent in first.producer.sent if sent[0] == "dlq"]) == 1  # the string value
+    assert first.metrics.sample("dead_letters_total", reason="wrong_type") == 1.0
+    assert first.metrics.sample("readings_total", outcome="context") == 1.0
+    assert first.metrics.sample("readings_total", outcome="scored") == 2.0
+    assert first.commit()
+    second = make(with_context)[0]
+    second.producer.sent = first.producer.sent  # the same "broker"
+    second.step()  # restores partition 0 from the changelog
+    store = second.detector.store
+    assert store.last_context[store.slot_of("a")].tolist() == [1.0] and store.steps[store.slot_of("a")] == 3
