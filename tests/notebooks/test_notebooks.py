@@ -94,6 +94,24 @@ def test_retrain_publishes_a_newer_loadable_version(fleet, live_model, tmp_path)
     assert bundle.training["incidents_excluded"] == len(ANOMALIES)
 
 
+def test_retrain_keeps_the_live_models_context_inputs(fleet, tmp_path):
+    history = fleet.readings.assign(mode=(fleet.readings["ts"] // 60_000 % 2).astype(float))  # a commanded mode
+    history.to_parquet(tmp_path / "history.parquet", index=False)
+    clean = history[history["ts"] < FLEET.ts_of(350)]
+    live = fit(clean, list(FLEET.features), time_col="ts", device_col="device_id", context=["mode"], epochs=2,
+               hidden_size=8, progress=False, name="fleet", version="1")
+    registry = ModelRegistry(tmp_path / "models", create=True)
+    registry.publish(live, "1", live=True)
+
+    result = execute("retrain.ipynb", {"history_path": "history.parquet", "registry_dir": "models", "epochs": 2,
+                                       "hidden_size": 8, "max_plot_devices": 1}, tmp_path)
+
+    assert result["context"] == ["mode"] and result["features"] == list(FLEET.features)
+    bundle = registry.load("2")
+    assert bundle.context == ("mode",) and bundle.features == live.features
+    registry.validate("2")  # the same context schema: a hot reload would take it
+
+
 def test_explore_events_names_the_devices_and_features_behind_the_anomalies(fleet, live_model, tmp_path):
     detector = StreamingDetector(live_model)
     frame = fleet.readings
